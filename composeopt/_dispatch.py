@@ -1,0 +1,62 @@
+"""Array-module dispatch: the helpers every rule uses to stay generic.
+
+Rules call :func:`namespace` on their parameter and then only use that
+namespace, so one code path serves NumPy, CuPy, PyTorch and any array-API
+array.  CuPy is never imported here: ``array_api_compat`` only looks at
+modules that the caller already imported.
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+from typing import Any
+
+import array_api_compat
+import numpy as np
+
+__all__ = ["namespace", "is_array", "backend_name", "eps_for", "scalar_like", "copy"]
+
+# Float16 cannot hold 1e-8: an epsilon that rounds to zero turns Adam's 0/0 into NaN
+# on zero gradients.  The floor is the value Optimisers.jl uses for Float16.
+_FLOAT16_EPS_FLOOR = float(np.float16(1e-7))
+
+
+def namespace(*arrays: Any) -> ModuleType:
+    """The array-API namespace of ``arrays`` (NumPy, CuPy, array_api_strict, ...)."""
+    return array_api_compat.array_namespace(*arrays)
+
+
+def is_array(obj: Any) -> bool:
+    """Whether ``obj`` is an array of some array module (not a Python or NumPy scalar)."""
+    return array_api_compat.is_array_api_obj(obj) and not isinstance(obj, np.generic)
+
+
+def backend_name(obj: Any) -> str:
+    """A short human name for the module an array comes from, for error messages."""
+    if array_api_compat.is_numpy_array(obj):
+        return "numpy"
+    if array_api_compat.is_cupy_array(obj):
+        return "cupy"
+    if array_api_compat.is_torch_array(obj):
+        return "torch"
+    if array_api_compat.is_jax_array(obj):
+        return "jax"
+    return type(obj).__module__.split(".")[0]
+
+
+def eps_for(dtype: Any, epsilon: float) -> float:
+    """``epsilon`` for arrays of ``dtype``, floored for float16 so that it does not underflow."""
+    name = str(dtype).rpartition(".")[2]  # "float16", "torch.float16", "array_api_strict.float16"
+    if name == "float16" and epsilon != 0:
+        return max(epsilon, _FLOAT16_EPS_FLOOR)
+    return epsilon
+
+
+def scalar_like(xp: ModuleType, value: Any, like: Any) -> Any:
+    """A 0-d array holding ``value`` with ``like``'s dtype and device."""
+    return xp.asarray(value, dtype=like.dtype, device=array_api_compat.device(like))
+
+
+def copy(xp: ModuleType, array: Any) -> Any:
+    """A fresh copy of ``array`` in its own namespace and device."""
+    return xp.asarray(array, copy=True)

@@ -1,0 +1,44 @@
+"""Exceptions raised by composeopt.
+
+Every error derives from :class:`ComposeoptError` and also from the built-in
+exception a caller would expect (``ValueError``, ``TypeError``,
+``FloatingPointError``), so ``except ValueError`` keeps working.  Errors about
+one parameter start with that parameter's path in the params tree, e.g.
+``params['layer1']['W']: gradient shape (3, 4) != parameter shape (4, 3)``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ComposeoptError",
+    "HyperparameterError",
+    "NonFiniteError",
+    "ShapeMismatchError",
+    "TreeStructureError",
+    "UnsupportedArrayError",
+]
+
+
+class ComposeoptError(Exception):
+    """Base class of every error raised by composeopt."""
+
+
+class HyperparameterError(ComposeoptError, ValueError):
+    """A rule was given an impossible hyperparameter (negative ``eta``, ``beta`` outside [0, 1), ...)."""
+
+
+class TreeStructureError(ComposeoptError, ValueError):
+    """The gradient tree does not have the structure of the params tree."""
+
+
+class ShapeMismatchError(ComposeoptError, ValueError):
+    """A gradient (or an update returned by a rule) does not have its parameter's shape."""
+
+
+class UnsupportedArrayError(ComposeoptError, TypeError):
+    """A parameter or gradient cannot be used: not an array, integer or boolean dtype,
+    read-only, or from another array module or device than its partner."""
+
+
+class NonFiniteError(ComposeoptError, FloatingPointError):
+    """A rule met a non-finite value it was told to refuse (``ClipNorm(throw=True)``)."""

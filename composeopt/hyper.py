@@ -1,0 +1,169 @@
+"""Hyperparameter fields: defaults, validation on construction and on assignment.
+
+A rule declares each hyperparameter once, as a class attribute::
+
+    class Momentum(Rule):
+        eta = Hyper(0.01, nonnegative)
+        rho = Hyper(0.9, unit_interval)
+
+The declaration order is the constructor's positional order, the names are its
+keywords, and ``repr`` and ``==`` are derived from them.  Assigning
+``opt.eta = -1`` later raises just as ``Momentum(-1)`` does.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Callable
+
+from .errors import HyperparameterError
+
+__all__ = [
+    "REQUIRED",
+    "Hyper",
+    "nonnegative",
+    "positive",
+    "unit_interval",
+    "beta_pair",
+    "decay_factor",
+    "positive_int",
+    "nonnegative_int",
+    "flag",
+    "norm_order",
+]
+
+Check = Callable[[Any], Any]
+
+
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED: Any = _Required()
+"""Default of a hyperparameter that the constructor must be given."""
+
+
+class Hyper:
+    """A validated hyperparameter field of a :class:`~composeopt.Rule`.
+
+    Args:
+        default: value used when the constructor is not given one
+            (:data:`REQUIRED` for none).
+        check: function that returns the normalised value or raises
+            :class:`~composeopt.errors.HyperparameterError`.
+    """
+
+    def __init__(self, default: Any = REQUIRED, check: Check | None = None) -> None:
+        self.default = default
+        self.check = check
+        self.name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
+        if obj is None:
+            return self
+        try:
+            return obj.__dict__[self.name]
+        except KeyError:
+            raise AttributeError(self.name) from None
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        if self.check is not None:
+            try:
+                value = self.check(value)
+            except HyperparameterError as err:
+                raise HyperparameterError(f"{type(obj).__name__}.{self.name}: {err}") from None
+        obj.__dict__[self.name] = value
+
+
+def _real(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise HyperparameterError(f"expected a real number, got {value!r}")
+    value = float(value)
+    if math.isnan(value):
+        raise HyperparameterError("got NaN")
+    return value
+
+
+def nonnegative(value: Any) -> float:
+    """A finite real number ``>= 0`` (learning rates, epsilons, penalties)."""
+    value = _real(value)
+    if not 0 <= value < math.inf:
+        raise HyperparameterError(f"must be finite and >= 0, got {value!r}")
+    return value
+
+
+def positive(value: Any) -> float:
+    """A finite real number ``> 0``."""
+    value = _real(value)
+    if not 0 < value < math.inf:
+        raise HyperparameterError(f"must be finite and > 0, got {value!r}")
+    return value
+
+
+def unit_interval(value: Any) -> float:
+    """A real number in ``[0, 1)`` (momentum and moving-average coefficients)."""
+    value = _real(value)
+    if not 0 <= value < 1:
+        raise HyperparameterError(f"must be in [0, 1), got {value!r}")
+    return value
+
+
+def beta_pair(value: Any) -> tuple[float, float]:
+    """A pair ``(beta1, beta2)`` of coefficients in ``[0, 1)``."""
+    try:
+        b1, b2 = value
+    except (TypeError, ValueError):
+        raise HyperparameterError(f"expected a pair (beta1, beta2), got {value!r}") from None
+    return unit_interval(b1), unit_interval(b2)
+
+
+def decay_factor(value: Any) -> float:
+    """A multiplicative decay in ``(0, 1]``."""
+    value = _real(value)
+    if not 0 < value <= 1:
+        raise HyperparameterError(f"must be in (0, 1], got {value!r}")
+    return value
+
+
+def _integer(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise HyperparameterError(f"expected an integer, got {value!r}")
+    return int(value)
+
+
+def positive_int(value: Any) -> int:
+    """An integer ``>= 1`` (step counts)."""
+    value = _integer(value)
+    if value < 1:
+        raise HyperparameterError(f"must be >= 1, got {value!r}")
+    return value
+
+
+def nonnegative_int(value: Any) -> int:
+    """An integer ``>= 0``."""
+    value = _integer(value)
+    if value < 0:
+        raise HyperparameterError(f"must be >= 0, got {value!r}")
+    return value
+
+
+def flag(value: Any) -> bool:
+    """A boolean switch (``True``/``False``, not 0/1 or a string)."""
+    if type(value).__name__ not in ("bool", "bool_"):
+        raise HyperparameterError(f"expected True or False, got {value!r}")
+    return bool(value)
+
+
+def norm_order(value: Any) -> float | int:
+    """The order ``p > 0`` of a p-norm, ``math.inf`` for the max-norm; integers stay integers."""
+    real = _real(value)
+    if not real > 0:
+        raise HyperparameterError(f"must be > 0 (or math.inf), got {value!r}")
+    if real != math.inf and real == int(real):
+        return int(real)
+    return real

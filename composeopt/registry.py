@@ -1,0 +1,85 @@
+"""Every built-in rule, and the cases that the generic contract tests run.
+
+``RULES`` maps each public rule name to its class.  ``CASES`` maps a readable
+id to a factory: each rule at its defaults, the variants that take other code
+paths, and a few chains.  A new rule goes in both; a test checks that
+``RULES`` and ``composeopt.__all__`` list the same rules.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+from .chain import Optimiser
+from .rule import Rule
+from .rules.adam import AdaBelief, Adam, AdaMax, AdamW, AMSGrad, NAdam, OAdam, RAdam
+from .rules.adaptive import AdaDelta, AdaGrad, RMSProp
+from .rules.clip import ClipGlobalNorm, ClipNorm, ClipValue
+from .rules.decay import ExpDecay, InvDecay, WeightDecay
+from .rules.sgd import Descent, Momentum, Nesterov
+
+__all__ = ["RULES", "ALIASES", "CASES"]
+
+RULES: dict[str, type[Rule]] = {
+    cls.__name__: cls
+    for cls in (
+        Descent, Momentum, Nesterov,
+        RMSProp, AdaGrad, AdaDelta,
+        Adam, RAdam, AdaMax, NAdam, AMSGrad, OAdam, AdamW, AdaBelief,
+        WeightDecay, ExpDecay, InvDecay,
+        ClipValue, ClipNorm, ClipGlobalNorm,
+        Optimiser,
+    )
+}
+
+# Other names users know the rules by: Optimisers.jl's, and Flux's old upper-case ones.
+ALIASES: dict[str, type[Rule]] = {
+    "OptimiserChain": Optimiser,
+    "ClipGrad": ClipValue,
+    "ADAM": Adam,
+    "RADAM": RAdam,
+    "NADAM": NAdam,
+    "OADAM": OAdam,
+    "ADAMW": AdamW,
+    "ADAGrad": AdaGrad,
+    "ADADelta": AdaDelta,
+    "ADAMax": AdaMax,
+}
+
+CASES: dict[str, Callable[[], Rule]] = {
+    "Descent()": Descent,
+    "Momentum()": Momentum,
+    "Nesterov()": Nesterov,
+    "RMSProp()": RMSProp,
+    "RMSProp(centred=True)": lambda: RMSProp(centred=True),
+    "AdaGrad()": AdaGrad,
+    "AdaDelta()": AdaDelta,
+    "Adam()": Adam,
+    "RAdam()": RAdam,
+    "AdaMax()": AdaMax,
+    "NAdam()": NAdam,
+    "AMSGrad()": AMSGrad,
+    "OAdam()": OAdam,
+    "AdamW()": AdamW,
+    "AdamW(lambda_=0.01, couple=False)": lambda: AdamW(lambda_=0.01, couple=False),
+    "AdaBelief()": AdaBelief,
+    "WeightDecay()": WeightDecay,
+    "ExpDecay()": ExpDecay,
+    "ExpDecay(0.1, 0.5, 2)": lambda: ExpDecay(0.1, 0.5, 2),
+    "InvDecay()": InvDecay,
+    "ClipValue(0.5)": lambda: ClipValue(0.5),
+    "ClipNorm()": ClipNorm,
+    "ClipNorm(0.5, p=inf, throw=False)": lambda: ClipNorm(0.5, math.inf, throw=False),
+    "ClipGlobalNorm(1.0)": lambda: ClipGlobalNorm(1.0),
+    "ClipGlobalNorm(0.5, p=1)": lambda: ClipGlobalNorm(0.5, 1),
+    "Optimiser()": Optimiser,
+    "Optimiser(ClipNorm, WeightDecay, Adam)": lambda: Optimiser(ClipNorm(1.0), WeightDecay(1e-4), Adam(1e-2)),
+    "Optimiser(ExpDecay, Descent)": lambda: Optimiser(ExpDecay(0.1, 0.5, 3), Descent(1.0)),
+    "Optimiser(ClipGlobalNorm, Optimiser(WeightDecay, Momentum))": lambda: Optimiser(
+        ClipGlobalNorm(1.0), Optimiser(WeightDecay(1e-3), Momentum(0.05))
+    ),
+    "Optimiser(Momentum, ClipGlobalNorm, InvDecay)": lambda: Optimiser(
+        Momentum(0.1), ClipGlobalNorm(0.5), InvDecay(0.1)
+    ),
+}

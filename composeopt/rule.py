@@ -1,0 +1,154 @@
+"""The rule protocol: ``init(x) -> state`` and ``apply_(state, x, dx) -> update``.
+
+A rule is a small mutable object that holds hyperparameters only.  The
+per-parameter state it needs (moments, step counts) comes from :meth:`Rule.init`
+and is kept by the optimiser's state store, outside the rule.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from types import SimpleNamespace
+from typing import Any, ClassVar
+
+from .errors import ComposeoptError
+from .hyper import REQUIRED, Hyper
+
+__all__ = ["Rule", "State", "walk_rules"]
+
+
+class State(SimpleNamespace):
+    """A mutable record of per-parameter state, e.g. ``State(mu=..., nu=..., t=0)``.
+
+    Rules update their state in place (``state.t += 1``, ``state.mu = ...``);
+    :meth:`Rule.apply_` returns only the update.
+    """
+
+
+class Rule:
+    """Base class of every optimisation rule.
+
+    Subclasses declare hyperparameters as :class:`~composeopt.Hyper` class
+    attributes and implement two methods:
+
+    * ``init(x)`` returns the per-parameter state for array ``x`` (arrays in
+      ``x``'s own module, device and dtype), or ``None`` when the rule has none.
+    * ``apply_(state, x, dx)`` returns the update that the engine subtracts from
+      ``x``.  It may mutate ``state`` and ``dx`` (the engine passes its own copy
+      of the gradient), must not mutate ``x``, and must not return an array that
+      it keeps in its state (a later rule in a chain may overwrite it).
+
+    The constructor takes the hyperparameters positionally in declaration order
+    or by name; ``repr`` and ``==`` are derived from them.
+    """
+
+    fallible: ClassVar[bool] = True
+    """Whether ``apply_`` may raise on input that passed the engine's checks.
+    The engine then copies this step's state first, so that a failing step leaves
+    every state as it was.  Built-in rules that cannot fail set it to ``False``."""
+
+    _hyper_names: ClassVar[tuple[str, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        names: list[str] = []
+        for klass in reversed(cls.__mro__):
+            for name, value in vars(klass).items():
+                if isinstance(value, Hyper) and name not in names:
+                    names.append(name)
+        cls._hyper_names = tuple(names)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        cls = type(self)
+        names = cls._hyper_names
+        if len(args) > len(names):
+            raise TypeError(
+                f"{cls.__name__}() takes at most {len(names)} positional arguments "
+                f"{names}, got {len(args)}"
+            )
+        values = dict(zip(names, args))
+        for name, value in kwargs.items():
+            if name not in names:
+                raise TypeError(
+                    f"{cls.__name__}() got an unexpected keyword argument {name!r}; "
+                    f"its hyperparameters are {names}"
+                )
+            if name in values:
+                raise TypeError(f"{cls.__name__}() got multiple values for {name!r}")
+            values[name] = value
+        for name in names:
+            if name not in values:
+                default = getattr(cls, name).default
+                if default is REQUIRED:
+                    raise TypeError(f"{cls.__name__}() missing required argument {name!r}")
+                values[name] = default
+            setattr(self, name, values[name])
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """The current hyperparameters, by name, in constructor order."""
+        return {name: getattr(self, name) for name in type(self)._hyper_names}
+
+    def init(self, x: Any) -> Any:
+        """The per-parameter state for ``x``; ``None`` for a stateless rule."""
+        return None
+
+    def apply_(self, state: Any, x: Any, dx: Any) -> Any:
+        """The update to subtract from ``x``, given its gradient ``dx``."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement apply_")
+
+    def apply_tree_(
+        self, states: Sequence[Any], xs: Sequence[Any], dxs: Sequence[Any], paths: Sequence[str]
+    ) -> list[Any]:
+        """Updates for every parameter of a tree at once.
+
+        The default applies :meth:`apply_` leaf by leaf.  Tree-level rules (a
+        global norm, gradient accumulation) override it to see every gradient
+        as it reaches them.  ``paths`` name the parameters for error messages.
+        """
+        updates = []
+        for state, x, dx, path in zip(states, xs, dxs, paths):
+            try:
+                updates.append(self.apply_(state, x, dx))
+            except ComposeoptError as err:
+                raise type(err)(f"{path}: {err}") from err
+        return updates
+
+    def begin_step(self, step: int) -> None:
+        """Called once per optimiser step (``step`` = 1, 2, ...) before any parameter.
+
+        Rules that follow the optimiser's step count, not per-parameter calls
+        (:class:`~composeopt.ExpDecay`, :class:`~composeopt.InvDecay`), use it.
+        """
+
+    def children(self) -> tuple[Rule, ...]:
+        """The rules this rule is made of (a chain's rules); empty for a plain rule."""
+        return ()
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{name}={_format(value)}" for name, value in self.hyperparameters().items())
+        return f"{type(self).__name__}({args})"
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        assert isinstance(other, Rule)
+        return self.hyperparameters() == other.hyperparameters()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, compared by value
+
+
+def _format(value: Any) -> str:
+    """``repr`` that evaluates back to the value (``math.inf`` has no literal)."""
+    if isinstance(value, float) and math.isinf(value):
+        return "float('inf')" if value > 0 else "float('-inf')"
+    if isinstance(value, tuple):
+        return "(" + ", ".join(_format(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+    return repr(value)
+
+
+def walk_rules(rule: Rule) -> Iterator[Rule]:
+    """``rule`` and every rule nested in it, depth first."""
+    yield rule
+    for child in rule.children():
+        yield from walk_rules(child)

@@ -1,0 +1,302 @@
+"""Adam and its relatives: bias-corrected first and second moment estimates."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from .._dispatch import eps_for, namespace
+from ..hyper import Hyper, beta_pair, flag, nonnegative
+from ..rule import Rule, State
+from ._math import bias_corrected_direction, ema
+
+__all__ = ["Adam", "RAdam", "AdaMax", "NAdam", "AMSGrad", "OAdam", "AdamW", "AdaBelief"]
+
+
+def _moments(x: Any) -> State:
+    xp = namespace(x)
+    return State(mu=xp.zeros_like(x), nu=xp.zeros_like(x), t=0)
+
+
+def _advance(state: State, dx: Any, beta: tuple[float, float]) -> None:
+    """One step of the two moment estimates: ``mu ← β1 mu + (1-β1) dx``, ``nu ← β2 nu + (1-β2) dx²``."""
+    state.t += 1
+    state.mu = ema(state.mu, dx, beta[0])
+    state.nu = ema(state.nu, dx * dx, beta[1])
+
+
+class Adam(Rule):
+    r"""Adam: ``Adam(eta=0.001, beta=(0.9, 0.999), epsilon=1e-8)``.
+
+    .. math::
+        m \leftarrow \beta_1 m + (1-\beta_1) dx, \quad
+        v \leftarrow \beta_2 v + (1-\beta_2) dx^2, \quad
+        \Delta = \eta \frac{m / (1-\beta_1^t)}{\sqrt{v / (1-\beta_2^t)} + \epsilon}
+
+    Args:
+        eta: learning rate ``η``.
+        beta: decays ``(β1, β2)`` of the first and second moments, each in [0, 1).
+        epsilon: ``ϵ``, outside the square root (floored for float16).
+
+    State: ``mu`` (m), ``nu`` (v), ``t`` (steps taken by this parameter).
+    Equals ``optax.adam(eta, b1, b2, epsilon)`` and ``torch.optim.Adam(lr=eta, betas=beta, eps=epsilon)``.
+    Reference: Kingma & Ba (2014), https://arxiv.org/abs/1412.6980
+    """
+
+    fallible = False
+    eta = Hyper(0.001, nonnegative)
+    beta = Hyper((0.9, 0.999), beta_pair)
+    epsilon = Hyper(1e-8, nonnegative)
+
+    def init(self, x: Any) -> State:
+        return _moments(x)
+
+    def apply_(self, state: State, x: Any, dx: Any) -> Any:
+        _advance(state, dx, self.beta)
+        eps = eps_for(x.dtype, self.epsilon)
+        return self.eta * bias_corrected_direction(namespace(x), state.mu, state.nu, state.t, self.beta, eps)
+
+
+class RAdam(Rule):
+    r"""Rectified Adam: ``RAdam(eta=0.001, beta=(0.9, 0.999), epsilon=1e-8)``.
+
+    With :math:`\rho_\infty = 2/(1-\beta_2) - 1` and
+    :math:`\rho_t = \rho_\infty - 2t\beta_2^t/(1-\beta_2^t)`: while
+    :math:`\rho_t \le 4` the step is momentum only, :math:`\Delta = \eta\, m/(1-\beta_1^t)`;
+    after, it is Adam's step times
+    :math:`r_t = \sqrt{\frac{(\rho_t-4)(\rho_t-2)\rho_\infty}{(\rho_\infty-4)(\rho_\infty-2)\rho_t}}`.
+
+    Args: as :class:`Adam`.  State: as :class:`Adam`.
+
+    The threshold 4 is the paper's and Optimisers.jl's; optax.radam and
+    torch.optim.RAdam use 5 (``optax.radam(..., threshold=4.0)`` matches).
+    Reference: Liu et al. (2019), https://arxiv.org/abs/1908.03265
+    """
+
+    fallible = False
+    eta = Hyper(0.001, nonnegative)
+    beta = Hyper((0.9, 0.999), beta_pair)
+    epsilon = Hyper(1e-8, nonnegative)
+
+    def init(self, x: Any) -> State:
+        return _moments(x)
+
+    def apply_(self, state: State, x: Any, dx: Any) -> Any:
+        _advance(state, dx, self.beta)
+        (b1, b2), t = self.beta, state.t
+        rho_inf = 2 / (1 - b2) - 1
+        rho = rho_inf - 2 * t * b2**t / (1 - b2**t)
+        if rho <= 4:
+            return self.eta / (1 - b1**t) * state.mu
+        r = math.sqrt((rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho))
+        eps = eps_for(x.dtype, self.epsilon)
+        return self.eta * r * bias_corrected_direction(namespace(x), state.mu, state.nu, t, self.beta, eps)
+
+
+class AdaMax(Rule):
+    r"""AdaMax, Adam with the infinity norm: ``AdaMax(eta=0.001, beta=(0.9, 0.999), epsilon=1e-8)``.
+
+    .. math::
+        m \leftarrow \beta_1 m + (1-\beta_1) dx, \quad
+        u \leftarrow \max(\beta_2 u, |dx|), \quad
+        \Delta = \frac{\eta}{1-\beta_1^t} \frac{m}{u + \epsilon}
+
+    Args: as :class:`Adam`.  State: ``mu``, ``nu`` (u), ``t``.
+    Equals ``optax.adamax(eta, b1, b2, epsilon)``.
+    Reference: Kingma & Ba (2014), section 7, https://arxiv.org/abs/1412.6980
+    """
+
+    fallible = False
+    eta = Hyper(0.001, nonnegative)
+    beta = Hyper((0.9, 0.999), beta_pair)
+    epsilon = Hyper(1e-8, nonnegative)
+
+    def init(self, x: Any) -> State:
+        return _moments(x)
+
+    def apply_(self, state: State, x: Any, dx: Any) -> Any:
+        xp = namespace(x)
+        b1, b2 = self.beta
+        state.t += 1
+        state.mu = ema(state.mu, dx, b1)
+        state.nu = xp.maximum(b2 * state.nu, xp.abs(dx))
+        eps = eps_for(x.dtype, self.epsilon)
+        return self.eta / (1 - b1**state.t) * state.mu / (state.nu + eps)
+
+
+class NAdam(Rule):
+    r"""Nesterov-accelerated Adam: ``NAdam(eta=0.001, beta=(0.9, 0.999), epsilon=1e-8)``.
+
+    .. math::
+        \Delta = \eta\,
+        \frac{\beta_1 m / (1-\beta_1^{t+1}) + (1-\beta_1)\, dx / (1-\beta_1^t)}
+             {\sqrt{\beta_2 v / (1-\beta_2^t)} + \epsilon}
+
+    with ``m`` and ``v`` updated as in :class:`Adam` first.  This is Dozat's
+    Algorithm 2 as written in Optimisers.jl (constant β1, and the factor β2
+    in the root); optax.nadam has no β2 factor there and torch.optim.NAdam
+    adds a momentum-decay schedule, so neither matches exactly.
+
+    Args: as :class:`Adam`.  State: as :class:`Adam`.
+    Reference: Dozat (2016), https://openreview.net/forum?id=OM0jvwB8jIp57ZJjtNEZ
+    """
+
+    fallible = False
+    eta = Hyper(0.001, nonnegative)
+    beta = Hyper((0.9, 0.999), beta_pair)
+    epsilon = Hyper(1e-8, nonnegative)
+
+    def init(self, x: Any) -> State:
+        return _moments(x)
+
+    def apply_(self, state: State, x: Any, dx: Any) -> Any:
+        xp = namespace(x)
+        _advance(state, dx, self.beta)
+        (b1, b2), t = self.beta, state.t
+        eps = eps_for(x.dtype, self.epsilon)
+        numerator = b1 / (1 - b1 ** (t + 1)) * state.mu + (1 - b1) / (1 - b1**t) * dx
+        return self.eta * numerator / (xp.sqrt(b2 / (1 - b2**t) * state.nu) + eps)
+
+
+class AMSGrad(Rule):
+    r"""AMSGrad: ``AMSGrad(eta=0.001, beta=(0.9, 0.999), epsilon=1e-8)``.
+
+    .. math::
+        m \leftarrow \beta_1 m + (1-\beta_1) dx, \quad
+        v \leftarrow \beta_2 v + (1-\beta_2) dx^2, \quad
+        \hat v \leftarrow \max(\hat v, v), \quad
+        \Delta = \frac{\eta\, m}{\sqrt{\hat v} + \epsilon}
+
+    without bias correction, as in the paper; ``m``, ``v`` and ``v̂`` start at
+    ``ϵ`` as in Optimisers.jl.  optax.amsgrad and torch's ``Adam(amsgrad=True)``
+    bias-correct and differ in the first steps.
+
+    Args: as :class:`Adam`.  State: ``mu``, ``nu``, ``nu_max``.
+    Reference: Reddi, Kale & Kumar (2018), https://openreview.net/forum?id=ryQu7f-RZ
+    """
+
+    fallible = False
+    eta = Hyper(0.001, nonnegative)
+    beta = Hyper((0.9, 0.999), beta_pair)
+    epsilon = Hyper(1e-8, nonnegative)
+
+    def init(self, x: Any) -> State:
+        xp = namespace(x)
+        return State(
+            mu=xp.full_like(x, self.epsilon), nu=xp.full_like(x, self.epsilon),
+            nu_max=xp.full_like(x, self.epsilon),
+        )
+
+    def apply_(self, state: State, x: Any, dx: Any) -> Any:
+        xp = namespace(x)
+        b1, b2 = self.beta
+        state.mu = ema(state.mu, dx, b1)
+        state.nu = ema(state.nu, dx * dx, b2)
+        state.nu_max = xp.maximum(state.nu_max, state.nu)
+        return self.eta * state.mu / (xp.sqrt(state.nu_max) + eps_for(x.dtype, self.epsilon))
+
+
+class OAdam(Rule):
+    r"""Optimistic Adam: ``OAdam(eta=0.001, beta=(0.5, 0.9), epsilon=1e-8)``.
+
+    With :math:`a_t` Adam's step (as in :class:`Adam`), the update is
+    :math:`\Delta = 2 a_t - a_{t-1}` (``a_0 = 0``): an extrapolation suited to
+    adversarial (min-max) training.
+
+    Args: as :class:`Adam`, with defaults ``beta=(0.5, 0.9)``.
+    State: ``mu``, ``nu``, ``t``, ``previous`` (the last Adam step).
+    Reference: Daskalakis et al. (2017), https://arxiv.org/abs/1711.00141
+    """
+
+    fallible = False
+    eta = Hyper(0.001, nonnegative)
+    beta = Hyper((0.5, 0.9), beta_pair)
+    epsilon = Hyper(1e-8, nonnegative)
+
+    def init(self, x: Any) -> State:
+        state = _moments(x)
+        state.previous = namespace(x).zeros_like(x)
+        return state
+
+    def apply_(self, state: State, x: Any, dx: Any) -> Any:
+        _advance(state, dx, self.beta)
+        eps = eps_for(x.dtype, self.epsilon)
+        step = self.eta * bias_corrected_direction(namespace(x), state.mu, state.nu, state.t, self.beta, eps)
+        change = 2 * step - state.previous
+        state.previous = step
+        return change
+
+
+class AdamW(Rule):
+    r"""Adam with weight decay: ``AdamW(eta=0.001, beta=(0.9, 0.999), lambda_=0.0, epsilon=1e-8, couple=True)``.
+
+    With ``a`` Adam's direction at learning rate 1:
+
+    * ``couple=True`` (torch.optim.AdamW, optax.adamw): :math:`\Delta = \eta\,(a + \lambda x)`;
+    * ``couple=False`` (the paper's decoupled form): :math:`\Delta = \eta\, a + \lambda x`.
+
+    Equivalent to ``Optimiser(Adam(1.0, beta, epsilon), WeightDecay(lambda_), Descent(eta))``
+    when coupled.
+
+    Args:
+        eta: learning rate ``η``.
+        beta: moment decays ``(β1, β2)``.
+        lambda_: weight decay ``λ`` (Optimisers.jl's ``lambda``).
+        epsilon: ``ϵ``.
+        couple: scale the weight decay by ``η``.
+
+    State: as :class:`Adam`.
+    Reference: Loshchilov & Hutter (2017), https://arxiv.org/abs/1711.05101
+    """
+
+    fallible = False
+    eta = Hyper(0.001, nonnegative)
+    beta = Hyper((0.9, 0.999), beta_pair)
+    lambda_ = Hyper(0.0, nonnegative)
+    epsilon = Hyper(1e-8, nonnegative)
+    couple = Hyper(True, flag)
+
+    def init(self, x: Any) -> State:
+        return _moments(x)
+
+    def apply_(self, state: State, x: Any, dx: Any) -> Any:
+        _advance(state, dx, self.beta)
+        eps = eps_for(x.dtype, self.epsilon)
+        direction = bias_corrected_direction(namespace(x), state.mu, state.nu, state.t, self.beta, eps)
+        if self.couple:
+            return self.eta * (direction + self.lambda_ * x)
+        return self.eta * direction + self.lambda_ * x
+
+
+class AdaBelief(Rule):
+    r"""AdaBelief: ``AdaBelief(eta=0.001, beta=(0.9, 0.999), epsilon=1e-16)``.
+
+    .. math::
+        m \leftarrow \beta_1 m + (1-\beta_1) dx, \quad
+        s \leftarrow \beta_2 s + (1-\beta_2)(dx - m)^2 + \epsilon, \quad
+        \Delta = \eta \frac{m/(1-\beta_1^t)}{\sqrt{s/(1-\beta_2^t)} + \epsilon}
+
+    Adam with the variance of the gradient around its mean (the "belief") in
+    place of its second moment.  Equals ``optax.adabelief(eta, b1, b2, eps=epsilon, eps_root=epsilon)``.
+
+    Args: as :class:`Adam`, with ``epsilon=1e-16``.  State: ``mu``, ``nu`` (s), ``t``.
+    Reference: Zhuang et al. (2020), https://arxiv.org/abs/2010.07468
+    """
+
+    fallible = False
+    eta = Hyper(0.001, nonnegative)
+    beta = Hyper((0.9, 0.999), beta_pair)
+    epsilon = Hyper(1e-16, nonnegative)
+
+    def init(self, x: Any) -> State:
+        return _moments(x)
+
+    def apply_(self, state: State, x: Any, dx: Any) -> Any:
+        b1, b2 = self.beta
+        eps = eps_for(x.dtype, self.epsilon)
+        state.t += 1
+        state.mu = ema(state.mu, dx, b1)
+        surprise = dx - state.mu
+        state.nu = ema(state.nu, surprise * surprise, b2)
+        state.nu += eps
+        return self.eta * bias_corrected_direction(namespace(x), state.mu, state.nu, state.t, self.beta, eps)

@@ -1,0 +1,122 @@
+"""Rules with a per-element step size from accumulated squared gradients."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .._dispatch import eps_for, namespace
+from ..hyper import Hyper, flag, nonnegative, unit_interval
+from ..rule import Rule, State
+from ._math import ema
+
+__all__ = ["RMSProp", "AdaGrad", "AdaDelta"]
+
+
+class RMSProp(Rule):
+    r"""RMSProp: ``RMSProp(eta=0.001, rho=0.9, epsilon=1e-8, centred=False)``.
+
+    .. math::
+        s \leftarrow \rho s + (1-\rho)\, dx^2, \qquad
+        \Delta = \frac{\eta\, dx}{\sqrt{s - \bar g^2} + \epsilon}
+
+    where ``ḡ = 0``, or with ``centred=True`` the running mean
+    ``ḡ ← ρ ḡ + (1-ρ) dx`` (Graves 2013), so that ``s - ḡ²`` estimates the variance.
+
+    Args:
+        eta: learning rate ``η``.
+        rho: decay ``ρ`` of the running averages, in [0, 1).
+        epsilon: ``ϵ``, added outside the square root.
+        centred: use the centred variant.
+
+    State: ``s`` (and ``g`` when centred).  Note: epsilon is outside the root
+    as in torch.optim.RMSprop(alpha=rho, eps=epsilon); optax.rmsprop needs
+    ``eps_in_sqrt=False`` to match.
+    References: Hinton, Lecture 6e of Neural Networks for Machine Learning (2012),
+    https://www.cs.toronto.edu/~tijmen/csc321/slides/lecture_slides_lec6.pdf;
+    Graves (2013), https://arxiv.org/abs/1308.0850
+    """
+
+    fallible = False
+    eta = Hyper(0.001, nonnegative)
+    rho = Hyper(0.9, unit_interval)
+    epsilon = Hyper(1e-8, nonnegative)
+    centred = Hyper(False, flag)
+
+    def init(self, x: Any) -> State:
+        xp = namespace(x)
+        return State(s=xp.zeros_like(x), g=xp.zeros_like(x) if self.centred else None)
+
+    def apply_(self, state: State, x: Any, dx: Any) -> Any:
+        xp = namespace(x)
+        state.s = ema(state.s, dx * dx, self.rho)
+        variance = state.s
+        if self.centred:
+            if state.g is None:  # centred was switched on after the first step
+                state.g = xp.zeros_like(x)
+            state.g = ema(state.g, dx, self.rho)
+            variance = state.s - state.g * state.g
+        return self.eta * dx / (xp.sqrt(variance) + eps_for(x.dtype, self.epsilon))
+
+
+class AdaGrad(Rule):
+    r"""AdaGrad: ``AdaGrad(eta=0.1, epsilon=1e-8)``.
+
+    .. math:: s \leftarrow s + dx^2, \qquad \Delta = \frac{\eta\, dx}{\sqrt{s} + \epsilon}
+
+    with ``s`` starting at ``ϵ`` (as in Optimisers.jl).
+
+    Args:
+        eta: learning rate ``η``.
+        epsilon: ``ϵ``, the initial accumulator and the term added outside the root.
+
+    State: ``s``.  torch.optim.Adagrad(lr=eta, eps=epsilon,
+    initial_accumulator_value=epsilon) is the same rule; optax.adagrad puts
+    ``eps`` inside the root and matches only for ``epsilon=0``.
+    Reference: Duchi, Hazan & Singer (2011), https://www.jmlr.org/papers/v12/duchi11a.html
+    """
+
+    fallible = False
+    eta = Hyper(0.1, nonnegative)
+    epsilon = Hyper(1e-8, nonnegative)
+
+    def init(self, x: Any) -> State:
+        return State(s=namespace(x).full_like(x, self.epsilon))
+
+    def apply_(self, state: State, x: Any, dx: Any) -> Any:
+        xp = namespace(x)
+        state.s += dx * dx
+        return self.eta * dx / (xp.sqrt(state.s) + eps_for(x.dtype, self.epsilon))
+
+
+class AdaDelta(Rule):
+    r"""AdaDelta: ``AdaDelta(rho=0.9, epsilon=1e-8)``; it has no learning rate.
+
+    .. math::
+        s \leftarrow \rho s + (1-\rho)\, dx^2, \qquad
+        \Delta = dx \frac{\sqrt{u + \epsilon}}{\sqrt{s + \epsilon}}, \qquad
+        u \leftarrow \rho u + (1-\rho)\, \Delta^2
+
+    Args:
+        rho: decay ``ρ`` of the running averages, in [0, 1).
+        epsilon: ``ϵ``, inside both square roots.
+
+    State: ``s`` (squared gradients), ``u`` (squared updates).  Equals
+    ``optax.adadelta(1.0, rho, epsilon)`` and ``torch.optim.Adadelta(lr=1.0, rho=rho, eps=epsilon)``.
+    Reference: Zeiler (2012), https://arxiv.org/abs/1212.5701
+    """
+
+    fallible = False
+    rho = Hyper(0.9, unit_interval)
+    epsilon = Hyper(1e-8, nonnegative)
+
+    def init(self, x: Any) -> State:
+        xp = namespace(x)
+        return State(s=xp.zeros_like(x), u=xp.zeros_like(x))
+
+    def apply_(self, state: State, x: Any, dx: Any) -> Any:
+        xp = namespace(x)
+        eps = eps_for(x.dtype, self.epsilon)
+        state.s = ema(state.s, dx * dx, self.rho)
+        change = dx * xp.sqrt(state.u + eps) / xp.sqrt(state.s + eps)
+        state.u = ema(state.u, change * change, self.rho)
+        return change

@@ -1,0 +1,88 @@
+"""Plain gradient descent and its momentum variants."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .._dispatch import namespace
+from ..hyper import Hyper, nonnegative, unit_interval
+from ..rule import Rule, State
+
+__all__ = ["Descent", "Momentum", "Nesterov"]
+
+
+class Descent(Rule):
+    r"""Gradient descent: ``Descent(eta=0.1)``.
+
+    .. math:: \Delta = \eta \, dx
+
+    Args:
+        eta: learning rate ``η``.
+
+    Equals ``torch.optim.SGD(lr=eta)`` and ``optax.sgd(eta)``.
+    """
+
+    fallible = False
+    eta = Hyper(0.1, nonnegative)
+
+    def apply_(self, state: Any, x: Any, dx: Any) -> Any:
+        return self.eta * dx
+
+
+class Momentum(Rule):
+    r"""Gradient descent with momentum: ``Momentum(eta=0.01, rho=0.9)``.
+
+    .. math:: v \leftarrow \rho v + \eta\, dx, \qquad \Delta = v
+
+    Args:
+        eta: learning rate ``η``.
+        rho: momentum ``ρ`` in [0, 1).
+
+    State: ``v`` (velocity, starts at 0).  Equals ``optax.sgd(eta, momentum=rho)``
+    and, for a constant ``eta``, ``torch.optim.SGD(lr=eta, momentum=rho)``.
+    Reference: Polyak (1964), https://doi.org/10.1016/0041-5553(64)90137-5
+    """
+
+    fallible = False
+    eta = Hyper(0.01, nonnegative)
+    rho = Hyper(0.9, unit_interval)
+
+    def init(self, x: Any) -> State:
+        return State(v=namespace(x).zeros_like(x))
+
+    def apply_(self, state: State, x: Any, dx: Any) -> Any:
+        state.v *= self.rho
+        state.v += self.eta * dx
+        return namespace(x).asarray(state.v, copy=True)
+
+
+class Nesterov(Rule):
+    r"""Gradient descent with Nesterov momentum: ``Nesterov(eta=0.001, rho=0.9)``.
+
+    .. math::
+        \Delta = -\rho^2 v + (1 + \rho)\,\eta\, dx, \qquad v \leftarrow \rho v - \eta\, dx
+
+    (``Δ`` uses the old ``v``.)  This is the form of Optimisers.jl; it equals
+    ``optax.sgd(eta, momentum=rho, nesterov=True)`` and
+    ``torch.optim.SGD(lr=eta, momentum=rho, nesterov=True)``.
+
+    Args:
+        eta: learning rate ``η``.
+        rho: momentum ``ρ`` in [0, 1).
+
+    Reference: Sutskever et al. (2013), http://proceedings.mlr.press/v28/sutskever13.html
+    """
+
+    fallible = False
+    eta = Hyper(0.001, nonnegative)
+    rho = Hyper(0.9, unit_interval)
+
+    def init(self, x: Any) -> State:
+        return State(v=namespace(x).zeros_like(x))
+
+    def apply_(self, state: State, x: Any, dx: Any) -> Any:
+        rho, eta = self.rho, self.eta
+        change = (1 + rho) * eta * dx - rho**2 * state.v
+        state.v *= rho
+        state.v -= eta * dx
+        return change

@@ -1,0 +1,113 @@
+"""The optimiser's per-parameter state, keyed by the parameter's identity.
+
+Like Flux's ``IdDict`` but safe against Python's reuse of ``id``s: each entry
+keeps a weak reference to its parameter, a different object under a reused id
+is a new parameter, and an entry disappears when its parameter is garbage
+collected, so rebuilding a model does not leak state.
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from ._dispatch import is_array, namespace
+from ._dispatch import copy as copy_array
+from .rule import State
+
+__all__ = ["StateStore", "copy_state"]
+
+_MISSING: Any = object()
+
+
+class _StrongRef:
+    """Stand-in for arrays that refuse weak references: keeps them alive instead."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+
+    def __call__(self) -> Any:
+        return self.obj
+
+
+class StateStore:
+    """Per-parameter states of one optimiser, and its optimiser step count.
+
+    ``step`` counts completed optimiser steps (``update_`` calls).
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[int, tuple[Callable[[], Any], Any]] = {}
+        self.step = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __contains__(self, x: Any) -> bool:
+        return self.get(x, _MISSING) is not _MISSING
+
+    def get(self, x: Any, default: Any = None) -> Any:
+        """The state of parameter ``x``, or ``default`` if it has none."""
+        entry = self._entries.get(id(x))
+        if entry is None or entry[0]() is not x:
+            return default
+        return entry[1]
+
+    def set(self, x: Any, state: Any) -> None:
+        """Store ``state`` for parameter ``x`` (replacing any state of a dead object with its id)."""
+        key = id(x)
+        entry = self._entries.get(key)
+        if entry is not None and entry[0]() is x:
+            self._entries[key] = (entry[0], state)
+            return
+        try:
+            ref: Callable[[], Any] = weakref.ref(x, _forget(self._entries, key))
+        except TypeError:
+            ref = _StrongRef(x)
+        self._entries[key] = (ref, state)
+
+    def discard(self, x: Any) -> None:
+        """Forget the state of parameter ``x``, if any."""
+        if x in self:
+            del self._entries[id(x)]
+
+    def move(self, old: Any, new: Any) -> None:
+        """Hand ``old``'s state over to ``new`` (the functional ``update`` returns new arrays)."""
+        state = self.get(old, _MISSING)
+        if state is not _MISSING:
+            self.discard(old)
+            self.set(new, state)
+
+    def clear(self) -> None:
+        """Forget every state and reset the step count."""
+        self._entries.clear()
+        self.step = 0
+
+
+def _forget(entries: dict[int, Any], key: int) -> Callable[[Any], None]:
+    # The callback holds the dict, not the store, so that a dead store is not kept alive.
+    def forget(ref: Any) -> None:
+        entry = entries.get(key)
+        if entry is not None and entry[0] is ref:
+            del entries[key]
+
+    return forget
+
+
+def copy_state(state: Any) -> Any:
+    """A deep copy of a state: arrays are copied on their own device, records recursed."""
+    if is_array(state):
+        return copy_array(namespace(state), state)
+    if isinstance(state, State):
+        return State(**{name: copy_state(value) for name, value in vars(state).items()})
+    if isinstance(state, tuple) and not hasattr(state, "_fields"):
+        return tuple(copy_state(item) for item in state)
+    if isinstance(state, list):
+        return [copy_state(item) for item in state]
+    if isinstance(state, dict):
+        return {key: copy_state(value) for key, value in state.items()}
+    return copy.deepcopy(state)

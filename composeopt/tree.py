@@ -1,0 +1,105 @@
+"""Walking params trees: dicts (any Mapping), lists, tuples, namedtuples, nesting.
+
+Leaves are arrays.  Each leaf is named by its path, written as Python would
+index it: ``params['layer1']['W']``, ``params[0]``, ``params.weight``.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterator, Mapping, MutableMapping
+from typing import Any
+
+from ._dispatch import is_array
+from .errors import TreeStructureError, UnsupportedArrayError
+
+__all__ = ["zip_leaves", "rebuild"]
+
+ROOT = "params"
+
+
+def _is_namedtuple(obj: Any) -> bool:
+    return isinstance(obj, tuple) and hasattr(obj, "_fields")
+
+
+def _kind(obj: Any) -> str:
+    return type(obj).__name__
+
+
+def zip_leaves(params: Any, grads: Any, path: str = ROOT) -> Iterator[tuple[str, Any, Any]]:
+    """Yield ``(path, x, dx)`` for every array ``x`` of ``params`` whose gradient is not ``None``.
+
+    A ``None`` gradient, at a leaf or in place of a whole subtree, skips it.
+    Raises :class:`TreeStructureError` where the two trees differ.
+    """
+    if grads is None:
+        return
+    if is_array(params):
+        yield path, params, grads
+    elif isinstance(params, Mapping):
+        if not isinstance(grads, Mapping):
+            raise TreeStructureError(f"{path}: gradient is a {_kind(grads)}, parameter is a {_kind(params)}")
+        missing = [key for key in params if key not in grads]
+        unexpected = [key for key in grads if key not in params]
+        if missing or unexpected:
+            raise TreeStructureError(
+                f"{path}: gradient keys differ from parameter keys "
+                f"(missing {missing}, unexpected {unexpected})"
+            )
+        for key, value in params.items():
+            yield from zip_leaves(value, grads[key], f"{path}[{key!r}]")
+    elif isinstance(params, (list, tuple)):
+        if not isinstance(grads, (list, tuple)) or len(grads) != len(params):
+            described = f"a {_kind(grads)}"
+            if isinstance(grads, (list, tuple)):
+                described += f" of length {len(grads)}"
+            raise TreeStructureError(
+                f"{path}: gradient is {described}, parameter is a {_kind(params)} of length {len(params)}"
+            )
+        names = params._fields if _is_namedtuple(params) else None
+        for index, (value, grad) in enumerate(zip(params, grads)):
+            child = f"{path}.{names[index]}" if names else f"{path}[{index}]"
+            yield from zip_leaves(value, grad, child)
+    elif params is None:
+        raise TreeStructureError(f"{path}: gradient given for a None parameter")
+    else:
+        raise UnsupportedArrayError(
+            f"{path}: parameter is a {_kind(params)}, not an array "
+            "(give it a None gradient to leave it alone)"
+        )
+
+
+def rebuild(tree: Any, replace: Callable[[Any], Any]) -> Any:
+    """A copy of ``tree`` with every array leaf ``x`` replaced by ``replace(x)``.
+
+    Containers are rebuilt with their own type where it can be (dict
+    subclasses, namedtuples, list and tuple subclasses); non-array leaves are
+    kept as they are.
+    """
+    if is_array(tree):
+        return replace(tree)
+    if isinstance(tree, Mapping):
+        items = {key: rebuild(value, replace) for key, value in tree.items()}
+        return _same_mapping(tree, items)
+    if _is_namedtuple(tree):
+        return type(tree)(*(rebuild(value, replace) for value in tree))
+    if isinstance(tree, (list, tuple)):
+        items_seq = [rebuild(value, replace) for value in tree]
+        try:
+            return type(tree)(items_seq)
+        except TypeError:
+            return tuple(items_seq) if isinstance(tree, tuple) else items_seq
+    return tree
+
+
+def _same_mapping(original: Mapping[Any, Any], items: dict[Any, Any]) -> Mapping[Any, Any]:
+    if type(original) is dict:
+        return items
+    if isinstance(original, MutableMapping):
+        new = copy.copy(original)  # keeps the type and extras such as a defaultdict's factory
+        new.update(items)
+        return new
+    try:
+        return type(original)(items)  # type: ignore[call-arg]
+    except TypeError:
+        return items
