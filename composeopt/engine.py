@@ -101,7 +101,7 @@ def update(opt: Rule, params: T, grads: Any) -> T:
     store = state_store(opt)
     new_arrays = {}
     for leaf, change in zip(leaves, updates):
-        new_arrays[id(leaf.x)] = new = leaf.x - change
+        new_arrays[id(leaf.x)] = new = _as_array(leaf.x - change)
         store.move(leaf.x, new)
     return rebuild(params, lambda x: new_arrays.get(id(x), x))
 
@@ -216,8 +216,14 @@ def _step(opt: Rule, leaves: list[_Leaf]) -> list[Any]:
     return updates
 
 
+def _as_array(value: Any) -> Any:
+    """NumPy turns 0-d results into scalars (``np.float64``); make them arrays again."""
+    return np.asarray(value) if isinstance(value, np.generic) else value
+
+
 def _checked_update(opt: Rule, leaf: _Leaf, change: Any) -> Any:
     x = leaf.x
+    change = _as_array(change)
     if not is_array(change) or namespace(change) is not namespace(x):
         raise UnsupportedArrayError(
             f"{leaf.path}: {opt!r} returned a {type(change).__name__} update, "

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+import array_api_compat
 import numpy as np
 import pytest
 
@@ -26,6 +27,10 @@ class Backend:
         if self.name == "array_api_strict":
             return self.xp.asarray(host.tolist() if host.ndim else float(host), dtype=getattr(self.xp, dtype))
         return self.xp.asarray(host)
+
+    def copy(self, array: Any) -> Any:
+        # Through array_api_compat: NumPy 1.26's own asarray has no copy argument.
+        return array_api_compat.array_namespace(array).asarray(array, copy=True)
 
     def to_numpy(self, array: Any) -> np.ndarray:
         if self.name == "cupy":

@@ -18,12 +18,13 @@ def make_params(backend, dtype):
     return {
         "W": backend.asarray(rng.uniform(-2, 2, (3, 4)), dtype),
         "b": backend.asarray(rng.uniform(-2, 2, (4,)), dtype),
+        "s": backend.asarray(rng.uniform(-2, 2, ()), dtype),  # 0-d: NumPy likes to turn these into scalars
     }
 
 
 def quadratic_grads(backend, params):
     """Gradient of ``0.5 * sum(x**2)`` over the tree: ``x`` itself, as fresh arrays."""
-    return {k: backend.xp.asarray(v, copy=True) for k, v in params.items()}
+    return {k: backend.copy(v) for k, v in params.items()}
 
 
 def loss(backend, params):

@@ -10,7 +10,7 @@ from array_api_compat import device
 
 from .._dispatch import namespace
 from ..errors import NonFiniteError, UnsupportedArrayError
-from ..hyper import REQUIRED, Hyper, flag, nonnegative, norm_order
+from ..hyper import REQUIRED, Hyper, flag, nonnegative, norm_order, positive
 from ..rule import Rule
 from ._math import norm_from_power, norm_power
 
@@ -18,9 +18,9 @@ __all__ = ["ClipValue", "ClipGrad", "ClipNorm", "ClipGlobalNorm"]
 
 
 def _scale_down(xp: Any, dx: Any, norm: Any, omega: float) -> Any:
-    """``dx · min(1, ω / norm)`` with ``norm`` a 0-d array: no host round trip."""
-    ratio = omega / norm
-    scale = xp.where(norm > omega, ratio, xp.ones_like(ratio))
+    """``dx · min(1, ω / norm)``, written as ``ω / max(norm, ω)`` to never divide by 0;
+    ``norm`` stays a 0-d array, so there is no host round trip."""
+    scale = omega / xp.maximum(norm, omega)
     return dx * xp.astype(scale, dx.dtype)
 
 
@@ -52,7 +52,7 @@ class ClipNorm(Rule):
     .. math:: \Delta = dx \cdot \min\left(1, \frac{\omega}{\|dx\|_p}\right)
 
     Args:
-        omega: the largest norm allowed.
+        omega: the largest norm allowed, ``> 0``.
         p: order of the norm, ``p > 0`` (``math.inf`` for the largest magnitude).
         throw: raise :class:`~composeopt.errors.NonFiniteError` when a norm is
             infinite or NaN (reading the norm then waits for the device).
@@ -61,7 +61,7 @@ class ClipNorm(Rule):
     norm over all parameters (torch's ``clip_grad_norm_``).
     """
 
-    omega = Hyper(10.0, nonnegative)
+    omega = Hyper(10.0, positive)
     p = Hyper(2, norm_order)
     throw = Hyper(True, flag)
 
@@ -91,12 +91,12 @@ class ClipGlobalNorm(Rule):
     ``optax.clip_by_global_norm(omega)`` and ``torch.nn.utils.clip_grad_norm_`` for ``p=2``.
 
     Args:
-        omega: the largest joint norm allowed.
+        omega: the largest joint norm allowed, ``> 0``.
         p: order of the norm, ``p > 0`` (``math.inf`` for the largest magnitude).
     """
 
     fallible = False
-    omega = Hyper(REQUIRED, nonnegative)
+    omega = Hyper(REQUIRED, positive)
     p = Hyper(2, norm_order)
 
     def apply_(self, state: Any, x: Any, dx: Any) -> Any:
