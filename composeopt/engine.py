@@ -166,9 +166,7 @@ def _check_gradient(path: str, x: Any, g: Any) -> None:
 
 def _check_writable(leaf: _Leaf) -> None:
     x = leaf.x
-    if array_api_compat.is_jax_array(x) or (
-        isinstance(x, np.ndarray) and not x.flags.writeable
-    ):
+    if array_api_compat.is_jax_array(x) or (isinstance(x, np.ndarray) and not x.flags.writeable):
         raise UnsupportedArrayError(
             f"{leaf.path}: parameter is a read-only {backend_name(x)} array; update_ changes "
             "arrays in place, use composeopt.update(opt, params, grads), which returns new ones"
@@ -199,7 +197,9 @@ def _step(opt: Rule, leaves: list[_Leaf]) -> list[Any]:
         with np.errstate(all="ignore"):  # overflow is the caller's business, as in every peer
             opt.begin_step(step)
             updates = opt.apply_tree_(
-                states, [leaf.x for leaf in leaves], [leaf.dx for leaf in leaves],
+                states,
+                [leaf.x for leaf in leaves],
+                [leaf.dx for leaf in leaves],
                 [leaf.path for leaf in leaves],
             )
             updates = [_checked_update(opt, leaf, change) for leaf, change in zip(leaves, updates)]

@@ -9,7 +9,7 @@ paths, and a few chains.  A new rule goes in both; a test checks that
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 from .chain import Optimiser
 from .rule import Rule
@@ -24,11 +24,26 @@ __all__ = ["RULES", "ALIASES", "CASES"]
 RULES: dict[str, type[Rule]] = {
     cls.__name__: cls
     for cls in (
-        Descent, Momentum, Nesterov,
-        RMSProp, AdaGrad, AdaDelta,
-        Adam, RAdam, AdaMax, NAdam, AMSGrad, OAdam, AdamW, AdaBelief,
-        WeightDecay, ExpDecay, InvDecay,
-        ClipValue, ClipNorm, ClipGlobalNorm,
+        Descent,
+        Momentum,
+        Nesterov,
+        RMSProp,
+        AdaGrad,
+        AdaDelta,
+        Adam,
+        RAdam,
+        AdaMax,
+        NAdam,
+        AMSGrad,
+        OAdam,
+        AdamW,
+        AdaBelief,
+        WeightDecay,
+        ExpDecay,
+        InvDecay,
+        ClipValue,
+        ClipNorm,
+        ClipGlobalNorm,
         Optimiser,
     )
 }

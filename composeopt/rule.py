@@ -64,8 +64,7 @@ class Rule:
         names = cls._hyper_names
         if len(args) > len(names):
             raise TypeError(
-                f"{cls.__name__}() takes at most {len(names)} positional arguments "
-                f"{names}, got {len(args)}"
+                f"{cls.__name__}() takes at most {len(names)} positional arguments {names}, got {len(args)}"
             )
         values = dict(zip(names, args))
         for name, value in kwargs.items():

@@ -13,8 +13,8 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
-from ._dispatch import is_array, namespace
 from ._dispatch import copy as copy_array
+from ._dispatch import is_array, namespace
 from .rule import State
 
 __all__ = ["StateStore", "copy_state"]

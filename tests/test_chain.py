@@ -32,7 +32,9 @@ def test_empty_chain_is_the_identity():
 
 def test_nested_chains_equal_the_flat_chain():
     flat = co.Optimiser(co.ClipValue(0.5), co.WeightDecay(0.1), co.Momentum(0.1))
-    nested = co.Optimiser(co.ClipValue(0.5), co.Optimiser(co.WeightDecay(0.1), co.Optimiser(co.Momentum(0.1))))
+    nested = co.Optimiser(
+        co.ClipValue(0.5), co.Optimiser(co.WeightDecay(0.1), co.Optimiser(co.Momentum(0.1)))
+    )
     a, b = {"w": arr(1.0, -2.0)}, {"w": arr(1.0, -2.0)}
     for step in range(5):
         g = arr(math.sin(step), math.cos(step))

@@ -23,7 +23,9 @@ def test_state_lives_on_the_parameters_device(cupy_backend):
 
 def test_numpy_gradient_for_a_cupy_parameter_is_refused(cupy_backend):
     cupy = cupy_backend.xp
-    with pytest.raises(UnsupportedArrayError, match=r"params\['w'\]: gradient is a numpy array but the parameter is a cupy"):
+    with pytest.raises(
+        UnsupportedArrayError, match=r"params\['w'\]: gradient is a numpy array but the parameter is a cupy"
+    ):
         co.update_(co.Adam(), {"w": cupy.ones(3)}, {"w": np.ones(3)})
 
 

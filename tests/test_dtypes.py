@@ -9,8 +9,20 @@ import composeopt as co
 from composeopt._dispatch import eps_for
 from composeopt.registry import CASES
 
-EPSILON_RULES = ["Adam()", "RAdam()", "AdaMax()", "NAdam()", "OAdam()", "AdamW()", "AdaBelief()",
-                 "RMSProp()", "RMSProp(centred=True)", "AdaGrad()", "AdaDelta()", "AMSGrad()"]
+EPSILON_RULES = [
+    "Adam()",
+    "RAdam()",
+    "AdaMax()",
+    "NAdam()",
+    "OAdam()",
+    "AdamW()",
+    "AdaBelief()",
+    "RMSProp()",
+    "RMSProp(centred=True)",
+    "AdaGrad()",
+    "AdaDelta()",
+    "AMSGrad()",
+]
 
 
 @pytest.mark.parametrize("case", EPSILON_RULES)

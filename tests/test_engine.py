@@ -162,7 +162,9 @@ def test_non_array_parameter_needs_a_none_gradient():
 def test_read_only_parameter_points_to_update():
     x = arr(1.0, 2.0)
     x.flags.writeable = False
-    with pytest.raises(UnsupportedArrayError, match=r"params: parameter is a read-only numpy array.*composeopt\.update"):
+    with pytest.raises(
+        UnsupportedArrayError, match=r"params: parameter is a read-only numpy array.*composeopt\.update"
+    ):
         co.update_(co.Descent(), x, arr(1.0, 1.0))
     new = co.update(co.Descent(1.0), x, arr(1.0, 1.0))
     np.testing.assert_array_equal(new, [0.0, 1.0])
@@ -182,11 +184,17 @@ def test_jax_arrays_need_the_functional_update():
 
 def test_mixing_array_modules_is_refused():
     strict = pytest.importorskip("array_api_strict")
-    with pytest.raises(UnsupportedArrayError, match=r"params\['w'\]: gradient is a array_api_strict array but the parameter is a numpy array"):
+    with pytest.raises(
+        UnsupportedArrayError,
+        match=r"params\['w'\]: gradient is a array_api_strict array but the parameter is a numpy array",
+    ):
         co.update_(co.Descent(), {"w": arr(1.0)}, {"w": strict.asarray([1.0], dtype=strict.float64)})
     params = {"a": arr(1.0), "b": strict.asarray([1.0], dtype=strict.float64)}
     grads = {"a": arr(1.0), "b": strict.asarray([1.0], dtype=strict.float64)}
-    with pytest.raises(UnsupportedArrayError, match=r"params\['b'\]: parameter is a array_api_strict array but params\['a'\] is a numpy"):
+    with pytest.raises(
+        UnsupportedArrayError,
+        match=r"params\['b'\]: parameter is a array_api_strict array but params\['a'\] is a numpy",
+    ):
         co.update_(co.Descent(), params, grads)
 
 
@@ -208,7 +216,9 @@ def test_parameters_on_two_devices_cannot_share_a_global_norm():
     }
     grads = {k: strict.asarray(v, copy=True) for k, v in params.items()}
     co.update_(co.Descent(1.0), params, grads)  # per-array rules are fine across devices
-    with pytest.raises(UnsupportedArrayError, match=r"params\['b'\]: ClipGlobalNorm needs every gradient on one device"):
+    with pytest.raises(
+        UnsupportedArrayError, match=r"params\['b'\]: ClipGlobalNorm needs every gradient on one device"
+    ):
         co.update_(co.Optimiser(co.ClipGlobalNorm(1.0), co.Descent()), params, grads)
 
 
@@ -227,7 +237,11 @@ def _snapshot(opt, params):
     states = {}
     for key, x in params.items():
         state = store.get(x)
-        states[key] = None if state is None else [np.copy(s.mu) for s in state if isinstance(s, co.State) and hasattr(s, "mu")]
+        states[key] = (
+            None
+            if state is None
+            else [np.copy(s.mu) for s in state if isinstance(s, co.State) and hasattr(s, "mu")]
+        )
     return {k: np.copy(v) for k, v in params.items()}, states, store.step
 
 
@@ -296,7 +310,9 @@ def test_a_rule_returning_the_wrong_shape_is_caught_before_any_change():
 
     opt = Broken()
     x = arr(1.0, 2.0)
-    with pytest.raises(ShapeMismatchError, match=r"params: update shape \(1,\) from Broken\(\) != parameter shape \(2,\)"):
+    with pytest.raises(
+        ShapeMismatchError, match=r"params: update shape \(1,\) from Broken\(\) != parameter shape \(2,\)"
+    ):
         co.update_(opt, x, arr(1.0, 1.0))
     np.testing.assert_array_equal(x, [1.0, 2.0])
     assert co.state_store(opt).get(x) is None

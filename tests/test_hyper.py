@@ -13,13 +13,19 @@ from composeopt.errors import HyperparameterError
 
 def test_positional_order_and_keywords_follow_flux_and_optimisers_jl():
     assert co.Adam(0.01, (0.8, 0.9), 1e-6).hyperparameters() == {
-        "eta": 0.01, "beta": (0.8, 0.9), "epsilon": 1e-6,
+        "eta": 0.01,
+        "beta": (0.8, 0.9),
+        "epsilon": 1e-6,
     }
     assert co.AdamW(0.01, (0.8, 0.9), 0.1, 1e-6, False) == co.AdamW(
         eta=0.01, beta=(0.8, 0.9), lambda_=0.1, epsilon=1e-6, couple=False
     )
     assert co.ExpDecay(0.1, 0.5, 10, 1e-3, 5).hyperparameters() == {
-        "eta": 0.1, "decay": 0.5, "decay_step": 10, "clip": 1e-3, "start": 5,
+        "eta": 0.1,
+        "decay": 0.5,
+        "decay_step": 10,
+        "clip": 1e-3,
+        "start": 5,
     }
     assert co.RMSProp().hyperparameters() == {"eta": 0.001, "rho": 0.9, "epsilon": 1e-8, "centred": False}
     assert co.Momentum().rho == 0.9 and co.Nesterov().eta == 0.001 and co.Descent().eta == 0.1
@@ -31,8 +37,7 @@ def test_positional_order_and_keywords_follow_flux_and_optimisers_jl():
 def test_repr_round_trips_a_chain_in_the_documented_form():
     opt = co.Optimiser(co.ClipNorm(1.0), co.Adam())
     assert repr(opt) == (
-        "Optimiser(ClipNorm(omega=1.0, p=2, throw=True), "
-        "Adam(eta=0.001, beta=(0.9, 0.999), epsilon=1e-08))"
+        "Optimiser(ClipNorm(omega=1.0, p=2, throw=True), Adam(eta=0.001, beta=(0.9, 0.999), epsilon=1e-08))"
     )
     assert eval(repr(opt), vars(co)) == opt
     inf_norm = co.ClipNorm(2.0, math.inf)

@@ -43,9 +43,12 @@ def state_arrays(state):
 
 def test_registry_and_public_names_list_the_same_rules():
     public_rules = {
-        name for name in co.__all__
-        if isinstance(getattr(co, name), type) and issubclass(getattr(co, name), co.Rule)
-        and name != "Rule" and name not in ALIASES
+        name
+        for name in co.__all__
+        if isinstance(getattr(co, name), type)
+        and issubclass(getattr(co, name), co.Rule)
+        and name != "Rule"
+        and name not in ALIASES
     }
     assert public_rules == set(RULES)
     for alias, cls in ALIASES.items():

@@ -56,4 +56,3 @@ def norm_from_power(xp: ModuleType, power: Any, p: float) -> Any:
     if p == 2:
         return xp.sqrt(power)
     return power ** (1 / p)
-

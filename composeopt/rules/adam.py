@@ -183,7 +183,8 @@ class AMSGrad(Rule):
     def init(self, x: Any) -> State:
         xp = namespace(x)
         return State(
-            mu=xp.full_like(x, self.epsilon), nu=xp.full_like(x, self.epsilon),
+            mu=xp.full_like(x, self.epsilon),
+            nu=xp.full_like(x, self.epsilon),
             nu_max=xp.full_like(x, self.epsilon),
         )
 
@@ -228,7 +229,8 @@ class OAdam(Rule):
 
 
 class AdamW(Rule):
-    r"""Adam with weight decay: ``AdamW(eta=0.001, beta=(0.9, 0.999), lambda_=0.0, epsilon=1e-8, couple=True)``.
+    r"""Adam with weight decay:
+    ``AdamW(eta=0.001, beta=(0.9, 0.999), lambda_=0.0, epsilon=1e-8, couple=True)``.
 
     With ``a`` Adam's direction at learning rate 1:
 
