@@ -103,7 +103,8 @@ def update(opt: Rule, params: T, grads: Any) -> T:
     for leaf, change in zip(leaves, updates):
         new_arrays[id(leaf.x)] = new = _as_array(leaf.x - change)
         store.move(leaf.x, new)
-    return rebuild(params, lambda x: new_arrays.get(id(x), x))
+    new_params: T = rebuild(params, lambda x: new_arrays.get(id(x), x))
+    return new_params
 
 
 def _collect(params: Any, grads: Any) -> list[_Leaf]:

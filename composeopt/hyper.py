@@ -84,34 +84,35 @@ class Hyper:
 def _real(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise HyperparameterError(f"expected a real number, got {value!r}")
-    value = float(value)
-    if math.isnan(value):
+    number = float(value)
+    if math.isnan(number):
         raise HyperparameterError("got NaN")
-    return value
+    return number
+
+
+def _real_in(value: Any, low: float, high: float, *, closed_low: bool, closed_high: bool) -> float:
+    number = _real(value)
+    above = low <= number if closed_low else low < number
+    below = number <= high if closed_high else number < high
+    if not (above and below):
+        interval = f"{'[' if closed_low else '('}{low}, {high}{']' if closed_high else ')'}"
+        raise HyperparameterError(f"must be in {interval}, got {number!r}")
+    return number
 
 
 def nonnegative(value: Any) -> float:
     """A finite real number ``>= 0`` (learning rates, epsilons, penalties)."""
-    value = _real(value)
-    if not 0 <= value < math.inf:
-        raise HyperparameterError(f"must be finite and >= 0, got {value!r}")
-    return value
+    return _real_in(value, 0, math.inf, closed_low=True, closed_high=False)
 
 
 def positive(value: Any) -> float:
     """A finite real number ``> 0``."""
-    value = _real(value)
-    if not 0 < value < math.inf:
-        raise HyperparameterError(f"must be finite and > 0, got {value!r}")
-    return value
+    return _real_in(value, 0, math.inf, closed_low=False, closed_high=False)
 
 
 def unit_interval(value: Any) -> float:
     """A real number in ``[0, 1)`` (momentum and moving-average coefficients)."""
-    value = _real(value)
-    if not 0 <= value < 1:
-        raise HyperparameterError(f"must be in [0, 1), got {value!r}")
-    return value
+    return _real_in(value, 0, 1, closed_low=True, closed_high=False)
 
 
 def beta_pair(value: Any) -> tuple[float, float]:
@@ -125,32 +126,26 @@ def beta_pair(value: Any) -> tuple[float, float]:
 
 def decay_factor(value: Any) -> float:
     """A multiplicative decay in ``(0, 1]``."""
-    value = _real(value)
-    if not 0 < value <= 1:
-        raise HyperparameterError(f"must be in (0, 1], got {value!r}")
-    return value
+    return _real_in(value, 0, 1, closed_low=False, closed_high=True)
 
 
-def _integer(value: Any) -> int:
+def _integer_from(value: Any, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise HyperparameterError(f"expected an integer, got {value!r}")
-    return int(value)
+    number = int(value)
+    if number < low:
+        raise HyperparameterError(f"must be >= {low}, got {number!r}")
+    return number
 
 
 def positive_int(value: Any) -> int:
     """An integer ``>= 1`` (step counts)."""
-    value = _integer(value)
-    if value < 1:
-        raise HyperparameterError(f"must be >= 1, got {value!r}")
-    return value
+    return _integer_from(value, 1)
 
 
 def nonnegative_int(value: Any) -> int:
     """An integer ``>= 0``."""
-    value = _integer(value)
-    if value < 0:
-        raise HyperparameterError(f"must be >= 0, got {value!r}")
-    return value
+    return _integer_from(value, 0)
 
 
 def flag(value: Any) -> bool:
@@ -163,7 +158,7 @@ def flag(value: Any) -> bool:
 def norm_order(value: Any) -> float | int:
     """The order ``p > 0`` of a p-norm, ``math.inf`` for the max-norm; integers stay integers."""
     real = _real(value)
-    if not real > 0:
+    if real <= 0:
         raise HyperparameterError(f"must be > 0 (or math.inf), got {value!r}")
     if real != math.inf and real == int(real):
         return int(real)

@@ -56,7 +56,7 @@ def zip_leaves(params: Any, grads: Any, path: str = ROOT) -> Iterator[tuple[str,
             raise TreeStructureError(
                 f"{path}: gradient is {described}, parameter is a {_kind(params)} of length {len(params)}"
             )
-        names = params._fields if _is_namedtuple(params) else None
+        names: tuple[str, ...] | None = getattr(params, "_fields", None)
         for index, (value, grad) in enumerate(zip(params, grads)):
             child = f"{path}.{names[index]}" if names else f"{path}[{index}]"
             yield from zip_leaves(value, grad, child)

@@ -67,7 +67,7 @@ class ClipNorm(Rule):
 
     @property
     def fallible(self) -> bool:  # type: ignore[override]
-        return self.throw
+        return bool(self.throw)
 
     def apply_(self, state: Any, x: Any, dx: Any) -> Any:
         xp = namespace(dx)
