@@ -12,7 +12,7 @@ any tree of arrays in place::
 
 from __future__ import annotations
 
-from . import errors
+from . import errors, registry
 from ._dispatch import namespace
 from .chain import Optimiser, OptimiserChain
 from .engine import reset_, state_store, update, update_
@@ -48,6 +48,7 @@ __all__ = [
     "Hyper",
     "namespace",
     "errors",
+    "registry",
     # rules
     "Descent",
     "Momentum",

@@ -102,7 +102,8 @@ class AdaMax(Rule):
         \Delta = \frac{\eta}{1-\beta_1^t} \frac{m}{u + \epsilon}
 
     Args: as :class:`Adam`.  State: ``mu``, ``nu`` (u), ``t``.
-    Equals ``optax.adamax(eta, b1, b2, epsilon)``.
+    optax.adamax keeps ``max(β2 u, |dx| + ϵ)`` and divides by it, so the two agree
+    exactly for ``epsilon=0`` and within ``ϵ`` otherwise.
     Reference: Kingma & Ba (2014), section 7, https://arxiv.org/abs/1412.6980
     """
 

@@ -88,7 +88,8 @@ class ClipGlobalNorm(Rule):
     A tree-level rule: ``N`` is the norm of the gradients as they reach this
     rule in the chain, over every parameter updated this step.  ``N`` stays a
     0-d device array (no host synchronisation).  Equals
-    ``optax.clip_by_global_norm(omega)`` and ``torch.nn.utils.clip_grad_norm_`` for ``p=2``.
+    ``optax.clip_by_global_norm(omega)`` for ``p=2``; ``torch.nn.utils.clip_grad_norm_``
+    divides by ``N + 1e-6`` and so clips slightly more.
 
     Args:
         omega: the largest joint norm allowed, ``> 0``.

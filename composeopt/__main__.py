@@ -1,0 +1,8 @@
+"""``python -m composeopt [demo]``: the command line, defined in :mod:`composeopt.demo`."""
+
+from __future__ import annotations
+
+from .demo import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())
