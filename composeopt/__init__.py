@@ -15,7 +15,10 @@ from __future__ import annotations
 from . import errors, registry
 from ._dispatch import namespace
 from .chain import Optimiser, OptimiserChain
+from .checkpoint import load, load_state_dict, save, state_dict
+from .control import adjust_, freeze_, hyperparameters, thaw_
 from .engine import reset_, state_store, update, update_
+from .groups import Groups
 from .hyper import Hyper
 from .rule import Rule, State
 from .rules.adam import AdaBelief, Adam, AdaMax, AdamW, AMSGrad, NAdam, OAdam, RAdam
@@ -23,6 +26,27 @@ from .rules.adaptive import AdaDelta, AdaGrad, RMSProp
 from .rules.clip import ClipGlobalNorm, ClipGrad, ClipNorm, ClipValue
 from .rules.decay import ExpDecay, InvDecay, WeightDecay
 from .rules.sgd import Descent, Momentum, Nesterov
+from .schedules import (
+    Constant,
+    CosineAnnealing,
+    CosineAnnealingWarmRestarts,
+    Cyclic,
+    Exponential,
+    ExponentialDecay,
+    InverseTimeDecay,
+    Join,
+    Linear,
+    MultiStep,
+    NaturalExpDecay,
+    OneCycle,
+    PiecewiseConstant,
+    PolynomialDecay,
+    Schedule,
+    Sequence,
+    Step,
+    Triangle,
+    Warmup,
+)
 
 # Flux's upper-case names from before Optimisers.jl.
 ADAM = Adam
@@ -42,6 +66,15 @@ __all__ = [
     "update",
     "reset_",
     "state_store",
+    # steering and checkpoints
+    "adjust_",
+    "freeze_",
+    "thaw_",
+    "hyperparameters",
+    "state_dict",
+    "load_state_dict",
+    "save",
+    "load",
     # building blocks for new rules
     "Rule",
     "State",
@@ -71,6 +104,27 @@ __all__ = [
     "ClipNorm",
     "ClipGlobalNorm",
     "Optimiser",
+    "Groups",
+    # schedules
+    "Schedule",
+    "Constant",
+    "Step",
+    "MultiStep",
+    "Exponential",
+    "ExponentialDecay",
+    "InverseTimeDecay",
+    "NaturalExpDecay",
+    "PolynomialDecay",
+    "PiecewiseConstant",
+    "CosineAnnealing",
+    "CosineAnnealingWarmRestarts",
+    "Linear",
+    "Warmup",
+    "OneCycle",
+    "Cyclic",
+    "Triangle",
+    "Join",
+    "Sequence",
     # aliases
     "OptimiserChain",
     "ClipGrad",

@@ -36,6 +36,10 @@ class Optimiser(Rule):
     def init(self, x: Any) -> tuple[Any, ...]:
         return tuple(rule.init(x) for rule in self.rules)
 
+    def init_tree_(self, xs: Sequence[Any], paths: Sequence[str]) -> list[Any]:
+        per_rule = [rule.init_tree_(xs, paths) for rule in self.rules]
+        return [tuple(rule_states[i] for rule_states in per_rule) for i in range(len(xs))]
+
     def apply_(self, state: Any, x: Any, dx: Any) -> Any:
         for rule, rule_state in zip(self.rules, state):
             dx = rule.apply_(rule_state, x, dx)
@@ -55,9 +59,6 @@ class Optimiser(Rule):
 
     def children(self) -> tuple[Rule, ...]:
         return self.rules
-
-    def hyperparameters(self) -> dict[str, Any]:
-        return {}
 
     def __getitem__(self, index: int) -> Rule:
         return self.rules[index]

@@ -19,10 +19,11 @@ import array_api_compat
 import numpy as np
 
 from ._dispatch import backend_name, is_array, namespace
-from .errors import ComposeoptError, ShapeMismatchError, UnsupportedArrayError
+from .errors import ShapeMismatchError, UnsupportedArrayError
+from .hyper import follow_schedules
 from .rule import Rule, State, walk_rules
 from .store import StateStore, copy_state
-from .tree import rebuild, zip_leaves
+from .tree import Path, rebuild, zip_leaves
 
 __all__ = ["update_", "update", "state_store", "reset_"]
 
@@ -36,7 +37,7 @@ _MISSING: Any = object()
 class _Leaf:
     """One distinct parameter of this step, with the engine's own copy of its gradient."""
 
-    path: str
+    path: Path
     x: Any
     dx: Any
 
@@ -78,7 +79,7 @@ def update_(opt: Rule, params: T, grads: Any) -> T:
     """
     if not isinstance(opt, Rule):
         raise TypeError(f"update_: expected a composeopt Rule, got a {type(opt).__name__}")
-    leaves = _collect(params, grads)
+    leaves = _collect(opt, params, grads)
     for leaf in leaves:
         _check_writable(leaf)
     updates = _step(opt, leaves)
@@ -96,7 +97,7 @@ def update(opt: Rule, params: T, grads: Any) -> T:
     """
     if not isinstance(opt, Rule):
         raise TypeError(f"update: expected a composeopt Rule, got a {type(opt).__name__}")
-    leaves = _collect(params, grads)
+    leaves = _collect(opt, params, grads)
     updates = _step(opt, leaves)
     store = state_store(opt)
     new_arrays = {}
@@ -107,11 +108,17 @@ def update(opt: Rule, params: T, grads: Any) -> T:
     return new_params
 
 
-def _collect(params: Any, grads: Any) -> list[_Leaf]:
-    """Phase 1: pair and check every (parameter, gradient); one entry per distinct array."""
+def _collect(opt: Rule, params: Any, grads: Any) -> list[_Leaf]:
+    """Phase 1: pair and check every (parameter, gradient); one entry per distinct array.
+
+    Frozen parameters (:func:`~composeopt.freeze_`) are left out, as if their gradient were ``None``.
+    """
+    frozen = state_store(opt).frozen
     by_id: dict[int, _Leaf] = {}
     reference: tuple[str, Any] | None = None
     for path, x, g in zip_leaves(params, grads):
+        if x in frozen:
+            continue
         _check_parameter(path, x)
         if reference is None:
             reference = (path, x)
@@ -120,6 +127,7 @@ def _collect(params: Any, grads: Any) -> list[_Leaf]:
                 f"{path}: parameter is a {backend_name(x)} array but {reference[0]} "
                 f"is a {backend_name(reference[1])} array; one tree must use one array module"
             )
+        g = _as_array(g)  # NumPy hands 0-d gradients over as scalars
         _check_gradient(path, x, g)
         xp = namespace(x)
         leaf = by_id.get(id(x))
@@ -178,24 +186,25 @@ def _step(opt: Rule, leaves: list[_Leaf]) -> list[Any]:
     """Phases 2 and 3 for the state: the updates of every leaf, and the new state kept."""
     store = state_store(opt)
     rules = list(walk_rules(opt))
-    states = []
+    states = [store.get(leaf.x, _MISSING) for leaf in leaves]
+    # A rule that may fail mid-step gets a copy of the existing states to put back.
     backups = []
-    must_backup = any(rule.fallible for rule in rules)
-    for leaf in leaves:
-        state = store.get(leaf.x, _MISSING)
-        if state is _MISSING:
-            try:
-                state = opt.init(leaf.x)
-            except ComposeoptError as err:
-                raise type(err)(f"{leaf.path}: {err}") from err
-        elif must_backup:
-            backups.append((leaf.x, copy_state(state)))
-        states.append(state)
-    # begin_step may change hyperparameters (ExpDecay's eta): keep them to put back.
+    if any(rule.fallible for rule in rules):
+        backups = [
+            (leaf.x, copy_state(state)) for leaf, state in zip(leaves, states) if state is not _MISSING
+        ]
+    new = [i for i, state in enumerate(states) if state is _MISSING]
+    if new:
+        fresh = opt.init_tree_([leaves[i].x for i in new], [leaves[i].path for i in new])
+        for i, state in zip(new, fresh):
+            states[i] = state
+    # Schedules and begin_step change hyperparameters (ExpDecay's eta): keep them to put back.
     saved_hyperparameters = [(rule, dict(vars(rule))) for rule in rules]
     step = store.step + 1
     try:
         with np.errstate(all="ignore"):  # overflow is the caller's business, as in every peer
+            for rule in rules:
+                follow_schedules(rule, step)
             opt.begin_step(step)
             updates = opt.apply_tree_(
                 states,

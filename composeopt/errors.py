@@ -10,6 +10,7 @@ one parameter start with that parameter's path in the params tree, e.g.
 from __future__ import annotations
 
 __all__ = [
+    "CheckpointError",
     "ComposeoptError",
     "HyperparameterError",
     "NonFiniteError",
@@ -42,3 +43,7 @@ class UnsupportedArrayError(ComposeoptError, TypeError):
 
 class NonFiniteError(ComposeoptError, FloatingPointError):
     """A rule met a non-finite value it was told to refuse (``ClipNorm(throw=True)``)."""
+
+
+class CheckpointError(ComposeoptError, ValueError):
+    """A checkpoint does not fit the optimiser or the parameters it is loaded onto."""

@@ -9,6 +9,12 @@ A rule declares each hyperparameter once, as a class attribute::
 The declaration order is the constructor's positional order, the names are its
 keywords, and ``repr`` and ``==`` are derived from them.  Assigning
 ``opt.eta = -1`` later raises just as ``Momentum(-1)`` does.
+
+Any hyperparameter may instead be given a *schedule*: a callable ``step -> value``
+(see :mod:`composeopt.schedules`), or a tuple holding some, as in
+``beta=(Linear(0.85, 0.95, 1000), 0.999)``.  The engine evaluates schedules once
+per optimiser step, before any parameter; the attribute then reads as the
+current value, so ``opt.eta`` is always a number that can be logged.
 """
 
 from __future__ import annotations
@@ -23,6 +29,9 @@ from .errors import HyperparameterError
 __all__ = [
     "REQUIRED",
     "Hyper",
+    "is_scheduled",
+    "follow_schedules",
+    "settings",
     "nonnegative",
     "positive",
     "unit_interval",
@@ -73,12 +82,53 @@ class Hyper:
             raise AttributeError(self.name) from None
 
     def __set__(self, obj: Any, value: Any) -> None:
-        if self.check is not None:
-            try:
-                value = self.check(value)
-            except HyperparameterError as err:
-                raise HyperparameterError(f"{type(obj).__name__}.{self.name}: {err}") from None
-        obj.__dict__[self.name] = value
+        schedules = obj.__dict__.setdefault(_SCHEDULES, {})
+        if is_scheduled(value):
+            current = self.validate(obj, _evaluate(value, 1), value, 1)
+            schedules[self.name] = value
+        else:
+            current = self.validate(obj, value)
+            schedules.pop(self.name, None)
+        obj.__dict__[self.name] = current
+
+    def validate(self, obj: Any, value: Any, schedule: Any = None, step: int = 0) -> Any:
+        """``value`` normalised by the check, or an error naming the rule and field."""
+        if self.check is None:
+            return value
+        try:
+            return self.check(value)
+        except HyperparameterError as err:
+            origin = f" (from {schedule!r} at step {step})" if schedule is not None else ""
+            raise HyperparameterError(f"{type(obj).__name__}.{self.name}: {err}{origin}") from None
+
+
+_SCHEDULES = "_scheduled_hyperparameters"
+
+
+def is_scheduled(value: Any) -> bool:
+    """Whether ``value`` is a schedule (a callable), or a tuple holding one."""
+    if isinstance(value, tuple):
+        return any(callable(item) for item in value)
+    return callable(value)
+
+
+def _evaluate(schedule: Any, step: int) -> Any:
+    if isinstance(schedule, tuple):
+        return tuple(item(step) if callable(item) else item for item in schedule)
+    return schedule(step)
+
+
+def follow_schedules(obj: Any, step: int) -> None:
+    """Set every scheduled hyperparameter of ``obj`` to its value at optimiser ``step``."""
+    for name, schedule in obj.__dict__.get(_SCHEDULES, {}).items():
+        descriptor: Hyper = getattr(type(obj), name)
+        obj.__dict__[name] = descriptor.validate(obj, _evaluate(schedule, step), schedule, step)
+
+
+def settings(obj: Any, names: tuple[str, ...]) -> dict[str, Any]:
+    """Each hyperparameter as it was set: its schedule if it follows one, else its value."""
+    schedules = obj.__dict__.get(_SCHEDULES, {})
+    return {name: schedules.get(name, getattr(obj, name)) for name in names}
 
 
 def _real(value: Any) -> float:

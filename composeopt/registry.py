@@ -12,12 +12,14 @@ import math
 from collections.abc import Callable
 
 from .chain import Optimiser
+from .groups import Groups
 from .rule import Rule
 from .rules.adam import AdaBelief, Adam, AdaMax, AdamW, AMSGrad, NAdam, OAdam, RAdam
 from .rules.adaptive import AdaDelta, AdaGrad, RMSProp
 from .rules.clip import ClipGlobalNorm, ClipNorm, ClipValue
 from .rules.decay import ExpDecay, InvDecay, WeightDecay
 from .rules.sgd import Descent, Momentum, Nesterov
+from .schedules import CosineAnnealing, Linear, Step, Warmup
 
 __all__ = ["RULES", "ALIASES", "CASES"]
 
@@ -45,6 +47,7 @@ RULES: dict[str, type[Rule]] = {
         ClipNorm,
         ClipGlobalNorm,
         Optimiser,
+        Groups,
     )
 }
 
@@ -96,5 +99,13 @@ CASES: dict[str, Callable[[], Rule]] = {
     ),
     "Optimiser(Momentum, ClipGlobalNorm, InvDecay)": lambda: Optimiser(
         Momentum(0.1), ClipGlobalNorm(0.5), InvDecay(0.1)
+    ),
+    "Adam(eta=Warmup(CosineAnnealing))": lambda: Adam(eta=Warmup(CosineAnnealing(1e-2, 20), 5)),
+    "Optimiser(WeightDecay(Step), Momentum(rho=Linear))": lambda: Optimiser(
+        WeightDecay(Step(1e-3, 5, 0.5)), Momentum(0.05, rho=Linear(0.5, 0.9, 10))
+    ),
+    "Groups(b: Adam, default: AdamW)": lambda: Groups(("b", Adam(1e-2)), default=AdamW(1e-2, lambda_=0.01)),
+    "Optimiser(ClipGlobalNorm, Groups(W: Momentum, default: Descent))": lambda: Optimiser(
+        ClipGlobalNorm(2.0), Groups(("W", Momentum(0.05)), default=Descent(0.05))
     ),
 }

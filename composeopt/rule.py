@@ -13,7 +13,7 @@ from types import SimpleNamespace
 from typing import Any, ClassVar
 
 from .errors import ComposeoptError
-from .hyper import REQUIRED, Hyper
+from .hyper import REQUIRED, Hyper, settings
 
 __all__ = ["Rule", "State", "walk_rules"]
 
@@ -85,8 +85,16 @@ class Rule:
             setattr(self, name, values[name])
 
     def hyperparameters(self) -> dict[str, Any]:
-        """The current hyperparameters, by name, in constructor order."""
+        """The current hyperparameter values, by name, in constructor order.
+
+        A hyperparameter that follows a schedule reads as its value at the
+        current optimiser step; :meth:`settings` gives the schedule itself.
+        """
         return {name: getattr(self, name) for name in type(self)._hyper_names}
+
+    def settings(self) -> dict[str, Any]:
+        """The hyperparameters as set: a schedule where one was given, else the value."""
+        return settings(self, type(self)._hyper_names)
 
     def init(self, x: Any) -> Any:
         """The per-parameter state for ``x``; ``None`` for a stateless rule."""
@@ -95,6 +103,21 @@ class Rule:
     def apply_(self, state: Any, x: Any, dx: Any) -> Any:
         """The update to subtract from ``x``, given its gradient ``dx``."""
         raise NotImplementedError(f"{type(self).__name__} does not implement apply_")
+
+    def init_tree_(self, xs: Sequence[Any], paths: Sequence[str]) -> list[Any]:
+        """States for several new parameters at once.
+
+        The default calls :meth:`init` on each; rules that need to know where a
+        parameter sits (parameter groups) override it.  ``paths`` are
+        :class:`~composeopt.tree.Path` strings.
+        """
+        states = []
+        for x, path in zip(xs, paths):
+            try:
+                states.append(self.init(x))
+            except ComposeoptError as err:
+                raise type(err)(f"{path}: {err}") from err
+        return states
 
     def apply_tree_(
         self, states: Sequence[Any], xs: Sequence[Any], dxs: Sequence[Any], paths: Sequence[str]
@@ -125,14 +148,14 @@ class Rule:
         return ()
 
     def __repr__(self) -> str:
-        args = ", ".join(f"{name}={_format(value)}" for name, value in self.hyperparameters().items())
+        args = ", ".join(f"{name}={_format(value)}" for name, value in self.settings().items())
         return f"{type(self).__name__}({args})"
 
     def __eq__(self, other: object) -> bool:
         if type(other) is not type(self):
             return NotImplemented
         assert isinstance(other, Rule)
-        return self.hyperparameters() == other.hyperparameters()
+        return self.settings() == other.settings()
 
     __hash__ = None  # type: ignore[assignment]  # mutable, compared by value
 

@@ -17,7 +17,7 @@ from ._dispatch import copy as copy_array
 from ._dispatch import is_array, namespace
 from .rule import State
 
-__all__ = ["StateStore", "copy_state"]
+__all__ = ["IdentityMap", "StateStore", "copy_state"]
 
 _MISSING: Any = object()
 
@@ -34,15 +34,11 @@ class _StrongRef:
         return self.obj
 
 
-class StateStore:
-    """Per-parameter states of one optimiser, and its optimiser step count.
-
-    ``step`` counts completed optimiser steps (``update_`` calls).
-    """
+class IdentityMap:
+    """A mapping from objects (by identity, held weakly) to values."""
 
     def __init__(self) -> None:
         self._entries: dict[int, tuple[Callable[[], Any], Any]] = {}
-        self.step = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -83,8 +79,25 @@ class StateStore:
             self.set(new, state)
 
     def clear(self) -> None:
-        """Forget every state and reset the step count."""
+        """Forget every entry."""
         self._entries.clear()
+
+
+class StateStore(IdentityMap):
+    """Per-parameter states of one optimiser, its step count and its frozen parameters.
+
+    ``step`` counts completed optimiser steps (``update_`` calls); ``frozen``
+    marks the parameters that :func:`~composeopt.freeze_` froze.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.step = 0
+        self.frozen = IdentityMap()
+
+    def clear(self) -> None:
+        """Forget every state and reset the step count (frozen marks stay)."""
+        super().clear()
         self.step = 0
 
 

@@ -1,7 +1,7 @@
 """Walking params trees: dicts (any Mapping), lists, tuples, namedtuples, nesting.
 
-Leaves are arrays.  Each leaf is named by its path, written as Python would
-index it: ``params['layer1']['W']``, ``params[0]``, ``params.weight``.
+Leaves are arrays.  Each leaf is named by its :class:`Path`, written as Python
+would index it: ``params['layer1']['W']``, ``params[0]``, ``params.weight``.
 """
 
 from __future__ import annotations
@@ -13,9 +13,34 @@ from typing import Any
 from ._dispatch import is_array
 from .errors import TreeStructureError, UnsupportedArrayError
 
-__all__ = ["zip_leaves", "rebuild"]
+__all__ = ["Path", "zip_leaves", "array_leaves", "rebuild"]
 
 ROOT = "params"
+
+
+class Path(str):
+    """Where a leaf sits in the params tree.
+
+    As a string it reads as Python indexing (``params['layer1']['W']``), for
+    messages; :attr:`keys` holds the raw keys (``('layer1', 'W')``) and
+    :attr:`key` joins them with ``/`` (``layer1/W``), the form that patterns
+    in groups and :func:`~composeopt.freeze_` match.
+    """
+
+    keys: tuple[Any, ...]
+
+    def __new__(cls, text: str = ROOT, keys: tuple[Any, ...] = ()) -> Path:
+        path = super().__new__(cls, text)
+        path.keys = keys
+        return path
+
+    @property
+    def key(self) -> str:
+        return "/".join(str(k) for k in self.keys)
+
+    def child(self, key: Any, *, attribute: bool = False) -> Path:
+        text = f"{self}.{key}" if attribute else f"{self}[{key!r}]"
+        return Path(text, (*self.keys, key))
 
 
 def _is_namedtuple(obj: Any) -> bool:
@@ -26,12 +51,14 @@ def _kind(obj: Any) -> str:
     return type(obj).__name__
 
 
-def zip_leaves(params: Any, grads: Any, path: str = ROOT) -> Iterator[tuple[str, Any, Any]]:
+def zip_leaves(params: Any, grads: Any, path: Path | None = None) -> Iterator[tuple[Path, Any, Any]]:
     """Yield ``(path, x, dx)`` for every array ``x`` of ``params`` whose gradient is not ``None``.
 
     A ``None`` gradient, at a leaf or in place of a whole subtree, skips it.
     Raises :class:`TreeStructureError` where the two trees differ.
     """
+    if path is None:
+        path = Path()
     if grads is None:
         return
     if is_array(params):
@@ -47,7 +74,7 @@ def zip_leaves(params: Any, grads: Any, path: str = ROOT) -> Iterator[tuple[str,
                 f"(missing {missing}, unexpected {unexpected})"
             )
         for key, value in params.items():
-            yield from zip_leaves(value, grads[key], f"{path}[{key!r}]")
+            yield from zip_leaves(value, grads[key], path.child(key))
     elif isinstance(params, (list, tuple)):
         if not isinstance(grads, (list, tuple)) or len(grads) != len(params):
             described = f"a {_kind(grads)}"
@@ -58,7 +85,7 @@ def zip_leaves(params: Any, grads: Any, path: str = ROOT) -> Iterator[tuple[str,
             )
         names: tuple[str, ...] | None = getattr(params, "_fields", None)
         for index, (value, grad) in enumerate(zip(params, grads)):
-            child = f"{path}.{names[index]}" if names else f"{path}[{index}]"
+            child = path.child(names[index], attribute=True) if names else path.child(index)
             yield from zip_leaves(value, grad, child)
     elif params is None:
         raise TreeStructureError(f"{path}: gradient given for a None parameter")
@@ -67,6 +94,23 @@ def zip_leaves(params: Any, grads: Any, path: str = ROOT) -> Iterator[tuple[str,
             f"{path}: parameter is a {_kind(params)}, not an array "
             "(give it a None gradient to leave it alone)"
         )
+
+
+def array_leaves(params: Any, path: Path | None = None) -> Iterator[tuple[Path, Any]]:
+    """Yield ``(path, x)`` for every array of ``params``; other leaves are passed over."""
+    if path is None:
+        path = Path()
+    if is_array(params):
+        yield path, params
+    elif isinstance(params, Mapping):
+        for key, value in params.items():
+            yield from array_leaves(value, path.child(key))
+    elif isinstance(params, (list, tuple)):
+        names: tuple[str, ...] | None = getattr(params, "_fields", None)
+        for index, value in enumerate(params):
+            yield from array_leaves(
+                value, path.child(names[index], attribute=True) if names else path.child(index)
+            )
 
 
 def rebuild(tree: Any, replace: Callable[[Any], Any]) -> Any:

@@ -1,0 +1,144 @@
+"""Parameter groups: different rules for different parts of the params tree.
+
+``Groups(("*/bias", Adam(1e-3)), ("encoder/*", Adam(1e-4)), default=AdamW(1e-3, lambda_=1e-2))``
+gives biases no weight decay and the encoder a smaller learning rate, as
+torch's ``param_groups``, MindSpore's ``group_params`` and optax's
+``multi_transform`` do.  Each group's rule is a full rule (a chain, with its
+own schedules); ``Groups`` is itself a rule, so it can sit inside a chain:
+``Optimiser(ClipGlobalNorm(1.0), Groups(...))`` clips all gradients together first.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Callable, Sequence
+from typing import Any, Union
+
+from .errors import TreeStructureError
+from .rule import Rule
+from .tree import Path
+
+__all__ = ["Groups", "Selector", "matches"]
+
+Selector = Union[str, Sequence[str], "re.Pattern[str]", Callable[[Path, Any], bool]]
+"""Which parameters a group (or :func:`~composeopt.freeze_`) takes:
+
+* a glob pattern matched against the parameter's key path, its keys joined by
+  ``/`` (``"layer1/W"``, ``"layers/0/bias"``; ``*`` also crosses ``/``);
+* a list or tuple of such patterns (any of them);
+* a compiled regular expression, searched in the key path;
+* a predicate ``f(path, x) -> bool`` on the :class:`~composeopt.tree.Path` and the array.
+"""
+
+
+def matches(selector: Selector, path: Path, x: Any) -> bool:
+    """Whether ``selector`` takes the parameter ``x`` at ``path``."""
+    key = path.key if isinstance(path, Path) else str(path)
+    if isinstance(selector, str):
+        return fnmatch.fnmatchcase(key, selector)
+    if isinstance(selector, re.Pattern):
+        return selector.search(key) is not None
+    if callable(selector):
+        return bool(selector(path, x))
+    return any(matches(pattern, path, x) for pattern in selector)
+
+
+class Groups(Rule):
+    """Route each parameter to the rule of the first group whose selector takes it.
+
+    Args:
+        *groups: ``(selector, rule)`` pairs (see :data:`Selector`), tried in order.
+        default: the rule for parameters no selector takes; without one, such
+            a parameter is an error naming its path.
+
+    A parameter's group is decided when its state is created (its first step)
+    and kept in its state ``(group_index, rule_state)``.  ``opt[k]`` is the
+    rule of group ``k``; ``opt.default`` the default rule.
+    """
+
+    fallible = False
+
+    def __init__(self, *groups: tuple[Selector, Rule], default: Rule | None = None) -> None:
+        for position, group in enumerate(groups):
+            if not (isinstance(group, tuple) and len(group) == 2 and isinstance(group[1], Rule)):
+                raise TypeError(f"Groups: argument {position} must be a (selector, rule) pair, got {group!r}")
+        if default is not None and not isinstance(default, Rule):
+            raise TypeError(f"Groups: default must be a composeopt Rule, got {type(default).__name__}")
+        self.groups: tuple[tuple[Selector, Rule], ...] = groups
+        self.default = default
+
+    def _rules(self) -> list[Rule]:
+        rules = [rule for _, rule in self.groups]
+        return rules + [self.default] if self.default is not None else rules
+
+    def _group_of(self, x: Any, path: Path) -> int:
+        for index, (selector, _) in enumerate(self.groups):
+            if matches(selector, path, x):
+                return index
+        if self.default is None:
+            raise TreeStructureError(f"{path}: no group of Groups takes it and there is no default")
+        return len(self.groups)
+
+    def init(self, x: Any) -> tuple[int, Any]:
+        state: tuple[int, Any] = self.init_tree_([x], [Path()])[0]
+        return state
+
+    def init_tree_(self, xs: Sequence[Any], paths: Sequence[str]) -> list[Any]:
+        indices = [
+            self._group_of(x, path if isinstance(path, Path) else Path(path)) for x, path in zip(xs, paths)
+        ]
+        states: list[Any] = [None] * len(xs)
+        rules = self._rules()
+        for index in set(indices):
+            members = [i for i, k in enumerate(indices) if k == index]
+            inner = rules[index].init_tree_([xs[i] for i in members], [paths[i] for i in members])
+            for i, state in zip(members, inner):
+                states[i] = (index, state)
+        return states
+
+    def apply_(self, state: Any, x: Any, dx: Any) -> Any:
+        index, inner = state
+        return self._rules()[index].apply_(inner, x, dx)
+
+    def apply_tree_(
+        self, states: Sequence[Any], xs: Sequence[Any], dxs: Sequence[Any], paths: Sequence[str]
+    ) -> list[Any]:
+        updates: list[Any] = [None] * len(xs)
+        rules = self._rules()
+        for index in sorted({state[0] for state in states}):
+            members = [i for i, state in enumerate(states) if state[0] == index]
+            inner = rules[index].apply_tree_(
+                [states[i][1] for i in members],
+                [xs[i] for i in members],
+                [dxs[i] for i in members],
+                [paths[i] for i in members],
+            )
+            for i, update in zip(members, inner):
+                updates[i] = update
+        return updates
+
+    def begin_step(self, step: int) -> None:
+        for rule in self._rules():
+            rule.begin_step(step)
+
+    def children(self) -> tuple[Rule, ...]:
+        return tuple(self._rules())
+
+    def __getitem__(self, index: int) -> Rule:
+        return self.groups[index][1]
+
+    def __len__(self) -> int:
+        return len(self.groups)
+
+    def __repr__(self) -> str:
+        parts = [f"({selector!r}, {rule!r})" for selector, rule in self.groups]
+        if self.default is not None:
+            parts.append(f"default={self.default!r}")
+        return f"Groups({', '.join(parts)})"
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        assert isinstance(other, Groups)
+        return self.groups == other.groups and self.default == other.default
