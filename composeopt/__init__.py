@@ -12,7 +12,7 @@ any tree of arrays in place::
 
 from __future__ import annotations
 
-from . import errors, registry
+from . import errors, registry, schedules
 from ._dispatch import namespace
 from .chain import Optimiser, OptimiserChain
 from .checkpoint import load, load_state_dict, save, state_dict
@@ -26,27 +26,7 @@ from .rules.adaptive import AdaDelta, AdaGrad, RMSProp
 from .rules.clip import ClipGlobalNorm, ClipGrad, ClipNorm, ClipValue
 from .rules.decay import ExpDecay, InvDecay, WeightDecay
 from .rules.sgd import Descent, Momentum, Nesterov
-from .schedules import (
-    Constant,
-    CosineAnnealing,
-    CosineAnnealingWarmRestarts,
-    Cyclic,
-    Exponential,
-    ExponentialDecay,
-    InverseTimeDecay,
-    Join,
-    Linear,
-    MultiStep,
-    NaturalExpDecay,
-    OneCycle,
-    PiecewiseConstant,
-    PolynomialDecay,
-    Schedule,
-    Sequence,
-    Step,
-    Triangle,
-    Warmup,
-)
+from .schedules import *  # noqa: F403 - every schedule, listed in schedules.__all__
 
 # Flux's upper-case names from before Optimisers.jl.
 ADAM = Adam
@@ -105,26 +85,6 @@ __all__ = [
     "ClipGlobalNorm",
     "Optimiser",
     "Groups",
-    # schedules
-    "Schedule",
-    "Constant",
-    "Step",
-    "MultiStep",
-    "Exponential",
-    "ExponentialDecay",
-    "InverseTimeDecay",
-    "NaturalExpDecay",
-    "PolynomialDecay",
-    "PiecewiseConstant",
-    "CosineAnnealing",
-    "CosineAnnealingWarmRestarts",
-    "Linear",
-    "Warmup",
-    "OneCycle",
-    "Cyclic",
-    "Triangle",
-    "Join",
-    "Sequence",
     # aliases
     "OptimiserChain",
     "ClipGrad",
@@ -137,3 +97,4 @@ __all__ = [
     "ADADelta",
     "ADAMax",
 ]
+__all__ += schedules.__all__

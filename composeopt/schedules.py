@@ -69,10 +69,6 @@ class Schedule:
         return [self(step) for step in range(1, steps + 1)]
 
 
-def _decay_exponent(t: int, decay_steps: int, staircase: bool) -> float:
-    return t // decay_steps if staircase else t / decay_steps
-
-
 @dataclass(frozen=True)
 class Constant(Schedule):
     """``value`` at every step."""
@@ -126,67 +122,52 @@ class Exponential(Schedule):
 
 
 @dataclass(frozen=True)
-class ExponentialDecay(Schedule):
-    """``value · decay_rate^(t / decay_steps)`` (``floor`` of the exponent when ``staircase``).
+class _TimeDecay(Schedule):
+    """Fields and checks shared by the decays of ``p = t / decay_steps`` (``floor`` when ``staircase``)."""
+
+    value: float
+    decay_rate: float
+    decay_steps: int
+    staircase: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.decay_steps >= 1, f"{type(self).__name__}: decay_steps must be >= 1")
+
+    def progress(self, step: int) -> float:
+        t = step - 1
+        return t // self.decay_steps if self.staircase else t / self.decay_steps
+
+
+class ExponentialDecay(_TimeDecay):
+    """``value · decay_rate^p``, ``p = t / decay_steps`` (floored when ``staircase``).
 
     MindSpore's ``ExponentialDecayLR(learning_rate, decay_rate, decay_steps, is_stair)``
     and TensorFlow's ``ExponentialDecay``; optax's ``exponential_decay`` with
     ``transition_steps=decay_steps``.
     """
 
-    value: float
-    decay_rate: float
-    decay_steps: int
-    staircase: bool = False
-
-    def __post_init__(self) -> None:
-        _require(self.decay_steps >= 1, "ExponentialDecay: decay_steps must be >= 1")
-
     def __call__(self, step: int) -> float:
-        return self.value * float(
-            self.decay_rate ** _decay_exponent(step - 1, self.decay_steps, self.staircase)
-        )
+        return self.value * float(self.decay_rate ** self.progress(step))
 
 
-@dataclass(frozen=True)
-class InverseTimeDecay(Schedule):
-    """``value / (1 + decay_rate · t / decay_steps)`` (floored exponent when ``staircase``).
+class InverseTimeDecay(_TimeDecay):
+    """``value / (1 + decay_rate · p)``, ``p = t / decay_steps`` (floored when ``staircase``).
 
     MindSpore's ``InverseDecayLR`` and TensorFlow's ``InverseTimeDecay``.
     """
 
-    value: float
-    decay_rate: float
-    decay_steps: int
-    staircase: bool = False
-
-    def __post_init__(self) -> None:
-        _require(self.decay_steps >= 1, "InverseTimeDecay: decay_steps must be >= 1")
-
     def __call__(self, step: int) -> float:
-        return self.value / (
-            1 + self.decay_rate * _decay_exponent(step - 1, self.decay_steps, self.staircase)
-        )
+        return self.value / (1 + self.decay_rate * self.progress(step))
 
 
-@dataclass(frozen=True)
-class NaturalExpDecay(Schedule):
-    """``value · exp(-decay_rate · t / decay_steps)`` (floored when ``staircase``).
+class NaturalExpDecay(_TimeDecay):
+    """``value · exp(-decay_rate · p)``, ``p = t / decay_steps`` (floored when ``staircase``).
 
     MindSpore's ``NaturalExpDecayLR``.
     """
 
-    value: float
-    decay_rate: float
-    decay_steps: int
-    staircase: bool = False
-
-    def __post_init__(self) -> None:
-        _require(self.decay_steps >= 1, "NaturalExpDecay: decay_steps must be >= 1")
-
     def __call__(self, step: int) -> float:
-        exponent = _decay_exponent(step - 1, self.decay_steps, self.staircase)
-        return self.value * math.exp(-self.decay_rate * exponent)
+        return self.value * math.exp(-self.decay_rate * self.progress(step))
 
 
 @dataclass(frozen=True)
