@@ -1,9 +1,9 @@
 """Array-module dispatch: the helpers every rule uses to stay generic.
 
-Rules call :func:`namespace` on their parameter and then only use that
-namespace, so one code path serves NumPy, CuPy, PyTorch and any array-API
-array.  CuPy is never imported here: ``array_api_compat`` only looks at
-modules that the caller already imported.
+Rules call `namespace` on their parameter and then only use that namespace,
+so one code path serves NumPy, CuPy, PyTorch and any array-API array.  CuPy
+is never imported here: `array_api_compat` only looks at modules that the
+caller already imported.
 """
 
 from __future__ import annotations
@@ -22,7 +22,18 @@ _FLOAT16_EPS_FLOOR = float(np.float16(1e-7))
 
 
 def namespace(*arrays: Any) -> ModuleType:
-    """The array-API namespace of ``arrays`` (NumPy, CuPy, array_api_strict, ...)."""
+    """The array-API namespace of `arrays` (NumPy, CuPy, array_api_strict, ...).
+
+    It is `array_api_compat.array_namespace`: for NumPy and CuPy arrays it
+    returns array-api-compat's wrapper of the module, whose functions follow the
+    array-API standard.  A rule calls it once and then uses only `xp.` functions.
+
+    Examples:
+        >>> import numpy as np, composeopt as co
+        >>> xp = co.namespace(np.ones(3, dtype=np.float32))
+        >>> xp.zeros_like(np.ones(3, dtype=np.float32)).dtype
+        dtype('float32')
+    """
     return array_api_compat.array_namespace(*arrays)
 
 

@@ -1,14 +1,17 @@
 """Hyperparameter fields: defaults, validation on construction and on assignment.
 
-A rule declares each hyperparameter once, as a class attribute::
+A rule declares each hyperparameter once, as a class attribute:
 
-    class Momentum(Rule):
-        eta = Hyper(0.01, nonnegative)
-        rho = Hyper(0.9, unit_interval)
+```python
+class Momentum(Rule):
+    eta = Hyper(0.01, nonnegative)
+    rho = Hyper(0.9, unit_interval)
+```
 
 The declaration order is the constructor's positional order, the names are its
-keywords, and ``repr`` and ``==`` are derived from them.  Assigning
-``opt.eta = -1`` later raises just as ``Momentum(-1)`` does.
+keywords, and `repr` and `==` are derived from them.  Assigning
+`opt.eta = -1` later raises just as `Momentum(-1)` does.  The functions of
+this module are the checks to pass to [Hyper][composeopt.Hyper].
 """
 
 from __future__ import annotations
@@ -47,13 +50,26 @@ REQUIRED: Any = _Required()
 
 
 class Hyper:
-    """A validated hyperparameter field of a :class:`~composeopt.Rule`.
+    """A validated hyperparameter field of a [Rule][composeopt.Rule].
 
     Args:
         default: value used when the constructor is not given one
-            (:data:`REQUIRED` for none).
+            ([REQUIRED][composeopt.hyper.REQUIRED] for none).
         check: function that returns the normalised value or raises
-            :class:`~composeopt.errors.HyperparameterError`.
+            [HyperparameterError][composeopt.errors.HyperparameterError].
+
+    Examples:
+        >>> import composeopt as co
+        >>> from composeopt.hyper import unit_interval
+        >>> class Smooth(co.Rule):
+        ...     rho = co.Hyper(0.9, unit_interval)
+        ...     def apply_(self, state, x, dx):
+        ...         return (1 - self.rho) * dx
+        >>> rule = Smooth()
+        >>> rule.rho = 1.5
+        Traceback (most recent call last):
+        ...
+        composeopt.errors.HyperparameterError: Smooth.rho: must be in [0, 1), got 1.5
     """
 
     def __init__(self, default: Any = REQUIRED, check: Check | None = None) -> None:

@@ -27,10 +27,10 @@ def _kind(obj: Any) -> str:
 
 
 def zip_leaves(params: Any, grads: Any, path: str = ROOT) -> Iterator[tuple[str, Any, Any]]:
-    """Yield ``(path, x, dx)`` for every array ``x`` of ``params`` whose gradient is not ``None``.
+    """Yield `(path, x, dx)` for every array `x` of `params` whose gradient is not `None`.
 
-    A ``None`` gradient, at a leaf or in place of a whole subtree, skips it.
-    Raises :class:`TreeStructureError` where the two trees differ.
+    A `None` gradient, at a leaf or in place of a whole subtree, skips it.
+    Raises `TreeStructureError` where the two trees differ.
     """
     if grads is None:
         return

@@ -50,7 +50,7 @@ def norm_power(xp: ModuleType, dx: Any, p: float) -> Any:
 
 
 def norm_from_power(xp: ModuleType, power: Any, p: float) -> Any:
-    """The p-norm from :func:`norm_power`'s result."""
+    """The p-norm from `norm_power`'s result."""
     if p == math.inf or p == 1:
         return power
     if p == 2:
