@@ -1,10 +1,12 @@
-# The habits of this project.  `make demo` and `make test` do all the set-up
-# themselves: they create a virtual environment in $(VENV) and install into it.
+# The habits of this project.  Every target does its own set-up: it creates a
+# virtual environment in $(VENV) and installs the project with the extra it
+# needs (`make demo` the demo extra, `make test` the test extra, ...).
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+LINTED := composeopt tests docs/examples
 
-.PHONY: install install-test demo test lint clean
+.PHONY: install demo test lint format typecheck docs docs-serve clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -13,19 +15,35 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --editable .
 	touch $@
 
-$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
-	$(BIN)/python -m pip install --quiet --editable '.[test]'
+# $(VENV)/.installed-test, -demo, -lint, -docs: the project with that extra.
+$(VENV)/.installed-%: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --editable '.[$*]'
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
 
-install-test: $(VENV)/.installed-test
-
-demo: $(VENV)/.installed
+demo: $(VENV)/.installed-demo
 	$(BIN)/python -m composeopt demo
 
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest --cov=composeopt --cov-report=term --cov-fail-under=90 -q
 
+lint: $(VENV)/.installed-lint
+	$(BIN)/ruff check $(LINTED)
+	$(BIN)/ruff format --check $(LINTED)
+
+format: $(VENV)/.installed-lint
+	$(BIN)/ruff check --fix $(LINTED)
+	$(BIN)/ruff format $(LINTED)
+
+typecheck: $(VENV)/.installed-lint
+	$(BIN)/mypy
+
+docs: $(VENV)/.installed-docs
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --config-file docs/mkdocs.yml
+
+docs-serve: $(VENV)/.installed-docs
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --config-file docs/mkdocs.yml
+
 clean:
-	rm -rf $(VENV) .pytest_cache .coverage build *.egg-info
+	rm -rf $(VENV) .pytest_cache .coverage build dist site out *.egg-info

@@ -1,13 +1,15 @@
 """composeopt: composable optimiser rules for NumPy, CuPy and any array-API array.
 
-Rules are small mutable objects (``init(x)``, ``apply_(state, x, dx)``),
-``Optimiser(a, b, c)`` chains them, and ``update_(opt, params, grads)`` updates
-any tree of arrays in place::
+Rules are small mutable objects (`init(x)`, `apply_(state, x, dx)`),
+`Optimiser(a, b, c)` chains them, and `update_(opt, params, grads)` updates
+any tree of arrays in place:
 
-    import numpy as np, composeopt as co
-    params = {"W": np.random.randn(10, 10), "b": np.zeros(10)}
-    opt = co.Optimiser(co.ClipNorm(1.0), co.WeightDecay(1e-4), co.Adam(1e-3))
-    co.update_(opt, params, grads)
+```python
+import numpy as np, composeopt as co
+params = {"W": np.random.randn(10, 10), "b": np.zeros(10)}
+opt = co.Optimiser(co.ClipNorm(1.0), co.WeightDecay(1e-4), co.Adam(1e-3))
+co.update_(opt, params, grads)
+```
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""``python -m composeopt [demo]``: the command line, defined in :mod:`composeopt.demo`."""
+"""`python -m composeopt [demo]`: the command line, defined in `composeopt.demo`."""
 
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """Array-module dispatch: the helpers every rule uses to stay generic.
 
-Rules call :func:`namespace` on their parameter and then only use that
-namespace, so one code path serves NumPy, CuPy, PyTorch and any array-API
-array.  CuPy is never imported here: ``array_api_compat`` only looks at
-modules that the caller already imported.
+Rules call `namespace` on their parameter and then only use that namespace,
+so one code path serves NumPy, CuPy, PyTorch and any array-API array.  CuPy
+is never imported here: `array_api_compat` only looks at modules that the
+caller already imported.
 """
 
 from __future__ import annotations
@@ -22,12 +22,23 @@ _FLOAT16_EPS_FLOOR = float(np.float16(1e-7))
 
 
 def namespace(*arrays: Any) -> ModuleType:
-    """The array-API namespace of ``arrays`` (NumPy, CuPy, array_api_strict, ...)."""
+    """The array-API namespace of `arrays` (NumPy, CuPy, array_api_strict, ...).
+
+    It is `array_api_compat.array_namespace`: for NumPy and CuPy arrays it
+    returns array-api-compat's wrapper of the module, whose functions follow the
+    array-API standard.  A rule calls it once and then uses only `xp.` functions.
+
+    Examples:
+        >>> import numpy as np, composeopt as co
+        >>> xp = co.namespace(np.ones(3, dtype=np.float32))
+        >>> xp.zeros_like(np.ones(3, dtype=np.float32)).dtype
+        dtype('float32')
+    """
     return array_api_compat.array_namespace(*arrays)
 
 
 def is_array(obj: Any) -> bool:
-    """Whether ``obj`` is an array of some array module (not a Python or NumPy scalar)."""
+    """Whether `obj` is an array of some array module (not a Python or NumPy scalar)."""
     return array_api_compat.is_array_api_obj(obj) and not isinstance(obj, np.generic)
 
 
@@ -45,7 +56,7 @@ def backend_name(obj: Any) -> str:
 
 
 def eps_for(dtype: Any, epsilon: float) -> float:
-    """``epsilon`` for arrays of ``dtype``, floored for float16 so that it does not underflow."""
+    """`epsilon` for arrays of `dtype`, floored for float16 so that it does not underflow."""
     name = str(dtype).rpartition(".")[2]  # "float16", "torch.float16", "array_api_strict.float16"
     if name == "float16" and epsilon != 0:
         return max(epsilon, _FLOAT16_EPS_FLOOR)
@@ -53,10 +64,10 @@ def eps_for(dtype: Any, epsilon: float) -> float:
 
 
 def scalar_like(xp: ModuleType, value: Any, like: Any) -> Any:
-    """A 0-d array holding ``value`` with ``like``'s dtype and device."""
+    """A 0-d array holding `value` with `like`'s dtype and device."""
     return xp.asarray(value, dtype=like.dtype, device=array_api_compat.device(like))
 
 
 def copy(xp: ModuleType, array: Any) -> Any:
-    """A fresh copy of ``array`` in its own namespace and device."""
+    """A fresh copy of `array` in its own namespace and device."""
     return xp.asarray(array, copy=True)

@@ -1,4 +1,4 @@
-"""``Optimiser(a, b, c)``: rules composed in sequence."""
+"""`Optimiser(a, b, c)`: rules composed in sequence."""
 
 from __future__ import annotations
 
@@ -11,16 +11,33 @@ __all__ = ["Optimiser", "OptimiserChain"]
 
 
 class Optimiser(Rule):
-    """Chain rules: each rule's output gradient is the next rule's input.
+    r"""Rules in sequence: each rule's output is the next rule's gradient.
 
-    ``Optimiser(ClipNorm(1.0), WeightDecay(1e-4), Adam(1e-3))`` clips each
-    gradient, adds weight decay, then takes an Adam step.  A chain is itself a
-    rule, so chains nest; its state is the tuple of its rules' states.  With no
-    rules it is the identity (``x -= dx``).  Tree-level rules inside see the
-    whole gradient tree as it reaches them.  Indexing and iteration reach the
-    inner rules: ``opt[2].eta = 1e-4``.
+    `Optimiser(ClipNorm(1.0), WeightDecay(1e-4), Adam(1e-3))` clips each
+    gradient, adds weight decay, then takes an Adam step:
 
-    Alias: ``OptimiserChain`` (Optimisers.jl's name).
+    $$\Delta = r_k(\dots r_2(r_1(dx)))$$
+
+    A chain is itself a rule, so chains nest; its state is the tuple of its
+    rules' states.  With no rules it is the identity ($x \mathrel{-}= dx$).
+    Tree-level rules inside see the whole gradient tree as it reaches them.
+    Indexing and iteration reach the inner rules: `opt[2].eta = 1e-4`.
+
+    Args:
+        *rules: the rules, applied in order.
+
+    Alias: `OptimiserChain` (Optimisers.jl's name).  Same as `optax.chain(...)`.
+
+    Examples:
+        >>> import numpy as np, composeopt as co
+        >>> opt = co.Optimiser(co.ClipValue(1.0), co.Descent(0.1))
+        >>> x = np.zeros(2)
+        >>> _ = co.update_(opt, x, np.array([5.0, -0.5]))
+        >>> print(x)  # 0.1 * clamp(g, -1, 1)
+        [-0.1   0.05]
+        >>> opt[1].eta = 0.2
+        >>> opt
+        Optimiser(ClipValue(thresh=1.0), Descent(eta=0.2))
     """
 
     fallible = False

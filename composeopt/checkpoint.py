@@ -1,14 +1,14 @@
 """Checkpoints: an optimiser's state as plain data, keyed by parameter path.
 
-``state_dict(opt, params)`` describes everything a resumed run needs: each
+`state_dict(opt, params)` describes everything a resumed run needs: each
 parameter's state under its path in the params tree (ids die with the
 process, paths do not), the optimiser step count that schedules and decays
 follow, the current hyperparameters, and which parameters are frozen.  Arrays
 come back on the host as NumPy arrays, so a checkpoint written on the GPU loads
 on the CPU and the other way round.
 
-``save`` writes it as a ``.npz`` archive (the arrays, and the rest as JSON in
-one string entry), atomically and readable with ``allow_pickle=False``:
+`save` writes it as a `.npz` archive (the arrays, and the rest as JSON in
+one string entry), atomically and readable with `allow_pickle=False`:
 loading a checkpoint never runs code.
 """
 
@@ -68,7 +68,7 @@ def _to_plain(state: Any, path: str) -> Any:
 
 
 def _from_plain(plain: Any, like: Any) -> Any:
-    """The state described by ``plain``, its arrays in ``like``'s module and device."""
+    """The state described by `plain`, its arrays in `like`'s module and device."""
     if isinstance(plain, np.ndarray):
         return namespace(like).asarray(plain, device=array_api_compat.device(like))
     if isinstance(plain, list):
@@ -127,11 +127,11 @@ def _dtype_name(dtype: Any) -> str:
 def state_dict(opt: Rule, params: Any) -> dict[str, Any]:
     """The optimiser's state as plain data: dicts, lists, numbers, strings and NumPy arrays.
 
-    Keys: ``format``, ``version``, ``optimiser`` (its ``repr``), ``structure``,
-    ``step`` (optimiser steps taken), ``hyperparameters`` (per rule, depth
+    Keys: `format`, `version`, `optimiser` (its `repr`), `structure`,
+    `step` (optimiser steps taken), `hyperparameters` (per rule, depth
     first; scheduled ones are left out, as the step count determines them),
-    ``params`` (each path's shape and dtype), ``states`` (each path's state)
-    and ``frozen`` (paths).
+    `params` (each path's shape and dtype), `states` (each path's state)
+    and `frozen` (paths).
     """
     store = state_store(opt)
     described, states, frozen = {}, {}, []
@@ -156,14 +156,14 @@ def state_dict(opt: Rule, params: Any) -> dict[str, Any]:
 
 
 def load_state_dict(opt: Rule, params: Any, checkpoint: dict[str, Any], strict: bool = True) -> Rule:
-    """Restore a :func:`state_dict` onto ``opt`` for the arrays of ``params``.
+    """Restore a [state_dict][composeopt.state_dict] onto `opt` for the arrays of `params`.
 
     State arrays are created on each parameter's own device.  Raises
-    :class:`CheckpointError`, changing nothing, when the checkpoint is not one,
+    [CheckpointError][composeopt.errors.CheckpointError], changing nothing, when the checkpoint is not one,
     comes from a newer format, was made for another rule or chain structure, or
-    when a parameter's shape or dtype changed; with ``strict`` (the default)
+    when a parameter's shape or dtype changed; with `strict` (the default)
     also when parameters are missing from it or it has unexpected ones.
-    Returns ``opt``.
+    Returns `opt`.
     """
     if checkpoint.get("format") != FORMAT:
         raise CheckpointError("not a composeopt checkpoint")
@@ -222,7 +222,7 @@ def load_state_dict(opt: Rule, params: Any, checkpoint: dict[str, Any], strict: 
 
 
 def _split_arrays(plain: Any, arrays: dict[str, np.ndarray]) -> Any:
-    """``plain`` with each array replaced by a reference into ``arrays``."""
+    """`plain` with each array replaced by a reference into `arrays`."""
     if isinstance(plain, np.ndarray):
         name = f"a{len(arrays)}"
         arrays[name] = plain
@@ -245,7 +245,7 @@ def _join_arrays(plain: Any, arrays: Any) -> Any:
 
 
 def save(file: str | os.PathLike[str], opt: Rule, params: Any) -> None:
-    """Write :func:`state_dict` to ``file`` as ``.npz``, atomically (a temporary file, then a rename)."""
+    """Write [state_dict][composeopt.state_dict] to `file` as `.npz`, atomically (a temporary file, then a rename)."""
     arrays: dict[str, np.ndarray] = {}
     meta = json.dumps(_split_arrays(state_dict(opt, params), arrays))
     target = os.fspath(file)
@@ -264,7 +264,7 @@ def save(file: str | os.PathLike[str], opt: Rule, params: Any) -> None:
 
 
 def load(file: str | os.PathLike[str], opt: Rule, params: Any, strict: bool = True) -> Rule:
-    """Read a checkpoint written by :func:`save` (never unpickling) and load it onto ``opt``."""
+    """Read a checkpoint written by [save][composeopt.save] (never unpickling) and load it onto `opt`."""
     with np.load(os.fspath(file), allow_pickle=False) as archive:
         if _META not in archive.files:
             raise CheckpointError(f"{os.fspath(file)} is not a composeopt checkpoint")

@@ -17,13 +17,13 @@ _MISSING: Any = object()
 
 
 def adjust_(opt: R, eta: Any = _MISSING, /, **hyper: Any) -> R:
-    """Set hyperparameters on every rule of ``opt`` that has them, keeping all state.
+    """Set hyperparameters on every rule of `opt` that has them, keeping all state.
 
-    ``adjust_(opt, 1e-4)`` sets every ``eta``; ``adjust_(opt, beta=(0.9, 0.99),
-    lambda_=1e-3)`` sets those on each rule that has them, a schedule as well as
-    a number.  A name that no rule of ``opt`` has is an error, and so is an
-    invalid value; either way no rule is changed.  Optimisers.jl's ``adjust!``.
-    Returns ``opt``.
+    `adjust_(opt, 1e-4)` sets every `eta`;
+    `adjust_(opt, beta=(0.9, 0.99), lambda_=1e-3)` sets those on each rule that has them, a schedule as well as
+    a number.  A name that no rule of `opt` has is an error, and so is an
+    invalid value; either way no rule is changed.  Optimisers.jl's `adjust!`.
+    Returns `opt`.
     """
     if eta is not _MISSING:
         hyper = {"eta": eta, **hyper}
@@ -45,10 +45,10 @@ def adjust_(opt: R, eta: Any = _MISSING, /, **hyper: Any) -> R:
 
 
 def hyperparameters(opt: Rule) -> dict[str, Any]:
-    """The current value of every hyperparameter of ``opt``, for logging.
+    """The current value of every hyperparameter of `opt`, for logging.
 
-    Keys follow indexing: ``"eta"`` for a single rule, ``"[1].eta"`` for
-    ``opt[1].eta`` in a chain, ``"[1][0].rho"`` in nested chains.  A
+    Keys follow indexing: `"eta"` for a single rule, `"[1].eta"` for
+    `opt[1].eta` in a chain, `"[1][0].rho"` in nested chains.  A
     hyperparameter that follows a schedule shows its value at the last step.
     """
     values: dict[str, Any] = {}
@@ -64,13 +64,13 @@ def hyperparameters(opt: Rule) -> dict[str, Any]:
 
 
 def freeze_(opt: R, params: Any, where: Selector | None = None) -> R:
-    """Freeze parameters of ``params``: ``update_`` leaves them and their state alone.
+    """Freeze parameters of `params`: `update_` leaves them and their state alone.
 
-    ``where`` chooses which (a glob pattern on the key path, patterns, a regex,
-    or a predicate ``f(path, x)``; see :data:`~composeopt.groups.Selector`);
-    without it, every array of ``params`` is frozen, so
-    ``freeze_(opt, model["encoder"])`` freezes a whole sub-network.  Optimisers.jl's
-    ``freeze!``.  Returns ``opt``.
+    `where` chooses which (a glob pattern on the key path, patterns, a regex,
+    or a predicate `f(path, x)`; see [Selector][composeopt.groups.Selector]);
+    without it, every array of `params` is frozen, so
+    `freeze_(opt, model["encoder"])` freezes a whole sub-network.  Optimisers.jl's
+    `freeze!`.  Returns `opt`.
     """
     frozen = state_store(opt).frozen
     for path, x in array_leaves(params):
@@ -80,7 +80,7 @@ def freeze_(opt: R, params: Any, where: Selector | None = None) -> R:
 
 
 def thaw_(opt: R, params: Any, where: Selector | None = None) -> R:
-    """Undo :func:`freeze_` for the chosen parameters of ``params``; returns ``opt``."""
+    """Undo [freeze_][composeopt.freeze_] for the chosen parameters of `params`; returns `opt`."""
     frozen = state_store(opt).frozen
     for path, x in array_leaves(params):
         if where is None or matches(where, path, x):

@@ -1,4 +1,4 @@
-"""``update_`` and ``update``: one optimiser step over a params tree.
+"""`update_` and `update`: one optimiser step over a params tree.
 
 A step runs in three phases so that a failure never leaves it half done:
 
@@ -43,7 +43,16 @@ class _Leaf:
 
 
 def state_store(opt: Rule) -> StateStore:
-    """The :class:`~composeopt.store.StateStore` that ``opt`` owns (created on first use)."""
+    """The [StateStore][composeopt.store.StateStore] that `opt` owns (created on first use).
+
+    Examples:
+        >>> import numpy as np, composeopt as co
+        >>> opt, x = co.Momentum(), np.ones(2)
+        >>> _ = co.update_(opt, x, np.ones(2))
+        >>> store = co.state_store(opt)
+        >>> store.step, len(store), store.get(x)
+        (1, 1, State(v=array([0.01, 0.01])))
+    """
     store = vars(opt).get(_STORE_ATTRIBUTE)
     if store is None:
         store = StateStore()
@@ -52,30 +61,47 @@ def state_store(opt: Rule) -> StateStore:
 
 
 def reset_(opt: Rule) -> Rule:
-    """Forget every parameter's state and the step count of ``opt``; returns ``opt``."""
+    """Forget every parameter's state and the step count of `opt`; returns `opt`.
+
+    Examples:
+        >>> import numpy as np, composeopt as co
+        >>> opt, x = co.Adam(), np.ones(2)
+        >>> _ = co.update_(opt, x, np.ones(2))
+        >>> len(co.state_store(opt)), len(co.state_store(co.reset_(opt)))
+        (1, 0)
+    """
     state_store(opt).clear()
     return opt
 
 
 def update_(opt: Rule, params: T, grads: Any) -> T:
-    """Take one optimiser step in place: ``x -= update`` for every array of ``params``.
+    """Take one optimiser step in place: `x -= update` for every array of `params`.
 
-    ``params`` is an array or a tree of arrays (dicts, lists, tuples,
-    namedtuples, nested); ``grads`` has the same structure, with ``None``
-    wherever a parameter is to be left alone this step.  The gradient arrays
-    are not modified.  The optimiser ``opt`` keeps each parameter's state,
-    keyed by the parameter's identity, so pass the same arrays every step.
-    Returns ``params``.
+    The optimiser `opt` keeps each parameter's state, keyed by the parameter's
+    identity, so pass the same arrays every step.  The gradient arrays are not
+    modified.
 
-    Raises an error naming the parameter's path on bad input, before anything
-    is changed; a step that raises leaves every parameter and state as it was.
+    Args:
+        opt: a rule or a chain of rules ([Optimiser][composeopt.Optimiser]).
+        params: an array or a tree of arrays (dicts, lists, tuples, namedtuples,
+            nested), all from one array module; updated in place.
+        grads: the same structure as `params`, with `None` wherever a parameter
+            (or a whole subtree) is to be left alone this step.
 
-    Example:
+    Returns:
+        `params`, the same object.
+
+    Raises:
+        composeopt.errors.ComposeoptError: on bad input, with the parameter's
+            path in the message, before anything is changed; a step that raises
+            leaves every parameter and every state as it was.
+
+    Examples:
         >>> import numpy as np, composeopt as co
         >>> params = {"w": np.array([1.0, -2.0])}
         >>> _ = co.update_(co.Descent(0.1), params, {"w": np.array([1.0, 1.0])})
-        >>> params["w"]
-        array([ 0.9, -2.1])
+        >>> print(params["w"])
+        [ 0.9 -2.1]
     """
     if not isinstance(opt, Rule):
         raise TypeError(f"update_: expected a composeopt Rule, got a {type(opt).__name__}")
@@ -90,10 +116,17 @@ def update_(opt: Rule, params: T, grads: Any) -> T:
 
 
 def update(opt: Rule, params: T, grads: Any) -> T:
-    """Like :func:`update_` but returns new parameters and leaves ``params`` untouched.
+    """Like [update_][composeopt.update_] but returns new parameters and leaves `params` untouched.
 
     For immutable arrays (JAX) or read-only ones.  The optimiser's state moves
     to the returned arrays: pass those at the next step.
+
+    Examples:
+        >>> import numpy as np, composeopt as co
+        >>> opt, params = co.Descent(0.5), {"w": np.ones(2)}
+        >>> new = co.update(opt, params, {"w": np.ones(2)})
+        >>> print(params["w"], new["w"])
+        [1. 1.] [0.5 0.5]
     """
     if not isinstance(opt, Rule):
         raise TypeError(f"update: expected a composeopt Rule, got a {type(opt).__name__}")
@@ -111,7 +144,7 @@ def update(opt: Rule, params: T, grads: Any) -> T:
 def _collect(opt: Rule, params: Any, grads: Any) -> list[_Leaf]:
     """Phase 1: pair and check every (parameter, gradient); one entry per distinct array.
 
-    Frozen parameters (:func:`~composeopt.freeze_`) are left out, as if their gradient were ``None``.
+    Frozen parameters ([freeze_][composeopt.freeze_]) are left out, as if their gradient were `None`.
     """
     frozen = state_store(opt).frozen
     by_id: dict[int, _Leaf] = {}
@@ -231,7 +264,7 @@ def _step(opt: Rule, leaves: list[_Leaf]) -> list[Any]:
 def _zero_d_arrays(state: Any, dtype: Any) -> Any:
     """Turn NumPy scalars in a 0-d parameter's state back into 0-d arrays of its dtype.
 
-    NumPy computes on 0-d arrays as on scalars and returns ``np.float64``-style
+    NumPy computes on 0-d arrays as on scalars and returns `np.float64`-style
     scalars; NumPy 1.x also widens them (float32 scalar * Python float is
     float64).  Left alone, the state would drift from the parameter's dtype.
     """
@@ -249,7 +282,7 @@ def _zero_d_arrays(state: Any, dtype: Any) -> Any:
 
 
 def _as_array(value: Any) -> Any:
-    """NumPy turns 0-d results into scalars (``np.float64``); make them arrays again."""
+    """NumPy turns 0-d results into scalars (`np.float64`); make them arrays again."""
     return np.asarray(value) if isinstance(value, np.generic) else value
 
 

@@ -1,10 +1,19 @@
 """Exceptions raised by composeopt.
 
-Every error derives from :class:`ComposeoptError` and also from the built-in
-exception a caller would expect (``ValueError``, ``TypeError``,
-``FloatingPointError``), so ``except ValueError`` keeps working.  Errors about
-one parameter start with that parameter's path in the params tree, e.g.
-``params['layer1']['W']: gradient shape (3, 4) != parameter shape (4, 3)``.
+Every error derives from [ComposeoptError][composeopt.errors.ComposeoptError]
+and also from the built-in exception a caller would expect (`ValueError`,
+`TypeError`, `FloatingPointError`), so `except ValueError` keeps working.
+Errors about one parameter start with that parameter's path in the params
+tree, e.g. `params['layer1']['W']: gradient shape (3, 4) != parameter shape (4, 3)`.
+
+Examples:
+    >>> import numpy as np, composeopt as co
+    >>> params = {"layer1": {"W": np.zeros((4, 3))}}
+    >>> try:
+    ...     co.update_(co.Adam(), params, {"layer1": {"W": np.zeros((3, 4))}})
+    ... except ValueError as err:
+    ...     print(type(err).__name__, "-", err)
+    ShapeMismatchError - params['layer1']['W']: gradient shape (3, 4) != parameter shape (4, 3)
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ class ComposeoptError(Exception):
 
 
 class HyperparameterError(ComposeoptError, ValueError):
-    """A rule was given an impossible hyperparameter (negative ``eta``, ``beta`` outside [0, 1), ...)."""
+    """A rule was given an impossible hyperparameter (negative `eta`, `beta` outside [0, 1), ...)."""
 
 
 class TreeStructureError(ComposeoptError, ValueError):
@@ -42,7 +51,7 @@ class UnsupportedArrayError(ComposeoptError, TypeError):
 
 
 class NonFiniteError(ComposeoptError, FloatingPointError):
-    """A rule met a non-finite value it was told to refuse (``ClipNorm(throw=True)``)."""
+    """A rule met a non-finite value it was told to refuse (`ClipNorm(throw=True)`)."""
 
 
 class CheckpointError(ComposeoptError, ValueError):

@@ -1,11 +1,11 @@
 """Parameter groups: different rules for different parts of the params tree.
 
-``Groups(("*/bias", Adam(1e-3)), ("encoder/*", Adam(1e-4)), default=AdamW(1e-3, lambda_=1e-2))``
+`Groups(("*/bias", Adam(1e-3)), ("encoder/*", Adam(1e-4)), default=AdamW(1e-3, lambda_=1e-2))`
 gives biases no weight decay and the encoder a smaller learning rate, as
-torch's ``param_groups``, MindSpore's ``group_params`` and optax's
-``multi_transform`` do.  Each group's rule is a full rule (a chain, with its
-own schedules); ``Groups`` is itself a rule, so it can sit inside a chain:
-``Optimiser(ClipGlobalNorm(1.0), Groups(...))`` clips all gradients together first.
+torch's `param_groups`, MindSpore's `group_params` and optax's
+`multi_transform` do.  Each group's rule is a full rule (a chain, with its
+own schedules); `Groups` is itself a rule, so it can sit inside a chain:
+`Optimiser(ClipGlobalNorm(1.0), Groups(...))` clips all gradients together first.
 """
 
 from __future__ import annotations
@@ -22,18 +22,18 @@ from .tree import Path
 __all__ = ["Groups", "Selector", "matches"]
 
 Selector = Union[str, Sequence[str], "re.Pattern[str]", Callable[[Path, Any], bool]]
-"""Which parameters a group (or :func:`~composeopt.freeze_`) takes:
+"""Which parameters a group (or [freeze_][composeopt.freeze_]) takes:
 
 * a glob pattern matched against the parameter's key path, its keys joined by
-  ``/`` (``"layer1/W"``, ``"layers/0/bias"``; ``*`` also crosses ``/``);
+  `/` (`"layer1/W"`, `"layers/0/bias"`; `*` also crosses `/`);
 * a list or tuple of such patterns (any of them);
 * a compiled regular expression, searched in the key path;
-* a predicate ``f(path, x) -> bool`` on the :class:`~composeopt.tree.Path` and the array.
+* a predicate `f(path, x) -> bool` on the [Path][composeopt.tree.Path] and the array.
 """
 
 
 def matches(selector: Selector, path: Path, x: Any) -> bool:
-    """Whether ``selector`` takes the parameter ``x`` at ``path``."""
+    """Whether `selector` takes the parameter `x` at `path`."""
     key = path.key if isinstance(path, Path) else str(path)
     if isinstance(selector, str):
         return fnmatch.fnmatchcase(key, selector)
@@ -48,13 +48,13 @@ class Groups(Rule):
     """Route each parameter to the rule of the first group whose selector takes it.
 
     Args:
-        *groups: ``(selector, rule)`` pairs (see :data:`Selector`), tried in order.
+        *groups: `(selector, rule)` pairs (see [Selector][composeopt.groups.Selector]), tried in order.
         default: the rule for parameters no selector takes; without one, such
             a parameter is an error naming its path.
 
     A parameter's group is decided when its state is created (its first step)
-    and kept in its state ``(group_index, rule_state)``.  ``opt[k]`` is the
-    rule of group ``k``; ``opt.default`` the default rule.
+    and kept in its state `(group_index, rule_state)`.  `opt[k]` is the
+    rule of group `k`; `opt.default` the default rule.
     """
 
     fallible = False

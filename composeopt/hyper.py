@@ -1,20 +1,23 @@
 """Hyperparameter fields: defaults, validation on construction and on assignment.
 
-A rule declares each hyperparameter once, as a class attribute::
+A rule declares each hyperparameter once, as a class attribute:
 
-    class Momentum(Rule):
-        eta = Hyper(0.01, nonnegative)
-        rho = Hyper(0.9, unit_interval)
+```python
+class Momentum(Rule):
+    eta = Hyper(0.01, nonnegative)
+    rho = Hyper(0.9, unit_interval)
+```
 
 The declaration order is the constructor's positional order, the names are its
-keywords, and ``repr`` and ``==`` are derived from them.  Assigning
-``opt.eta = -1`` later raises just as ``Momentum(-1)`` does.
+keywords, and `repr` and `==` are derived from them.  Assigning
+`opt.eta = -1` later raises just as `Momentum(-1)` does.  The functions of
+this module are the checks to pass to [Hyper][composeopt.Hyper].
 
-Any hyperparameter may instead be given a *schedule*: a callable ``step -> value``
-(see :mod:`composeopt.schedules`), or a tuple holding some, as in
-``beta=(Linear(0.85, 0.95, 1000), 0.999)``.  The engine evaluates schedules once
+Any hyperparameter may instead be given a *schedule*: a callable `step -> value`
+(see `composeopt.schedules`), or a tuple holding some, as in
+`beta=(Linear(0.85, 0.95, 1000), 0.999)`.  The engine evaluates schedules once
 per optimiser step, before any parameter; the attribute then reads as the
-current value, so ``opt.eta`` is always a number that can be logged.
+current value, so `opt.eta` is always a number that can be logged.
 """
 
 from __future__ import annotations
@@ -56,13 +59,26 @@ REQUIRED: Any = _Required()
 
 
 class Hyper:
-    """A validated hyperparameter field of a :class:`~composeopt.Rule`.
+    """A validated hyperparameter field of a [Rule][composeopt.Rule].
 
     Args:
         default: value used when the constructor is not given one
-            (:data:`REQUIRED` for none).
+            ([REQUIRED][composeopt.hyper.REQUIRED] for none).
         check: function that returns the normalised value or raises
-            :class:`~composeopt.errors.HyperparameterError`.
+            [HyperparameterError][composeopt.errors.HyperparameterError].
+
+    Examples:
+        >>> import composeopt as co
+        >>> from composeopt.hyper import unit_interval
+        >>> class Smooth(co.Rule):
+        ...     rho = co.Hyper(0.9, unit_interval)
+        ...     def apply_(self, state, x, dx):
+        ...         return (1 - self.rho) * dx
+        >>> rule = Smooth()
+        >>> rule.rho = 1.5
+        Traceback (most recent call last):
+        ...
+        composeopt.errors.HyperparameterError: Smooth.rho: must be in [0, 1), got 1.5
     """
 
     def __init__(self, default: Any = REQUIRED, check: Check | None = None) -> None:
@@ -92,7 +108,7 @@ class Hyper:
         obj.__dict__[self.name] = current
 
     def validate(self, obj: Any, value: Any, schedule: Any = None, step: int = 0) -> Any:
-        """``value`` normalised by the check, or an error naming the rule and field."""
+        """`value` normalised by the check, or an error naming the rule and field."""
         if self.check is None:
             return value
         try:
@@ -106,7 +122,7 @@ _SCHEDULES = "_scheduled_hyperparameters"
 
 
 def is_scheduled(value: Any) -> bool:
-    """Whether ``value`` is a schedule (a callable), or a tuple holding one."""
+    """Whether `value` is a schedule (a callable), or a tuple holding one."""
     if isinstance(value, tuple):
         return any(callable(item) for item in value)
     return callable(value)
@@ -119,7 +135,7 @@ def _evaluate(schedule: Any, step: int) -> Any:
 
 
 def follow_schedules(obj: Any, step: int) -> None:
-    """Set every scheduled hyperparameter of ``obj`` to its value at optimiser ``step``."""
+    """Set every scheduled hyperparameter of `obj` to its value at optimiser `step`."""
     for name, schedule in obj.__dict__.get(_SCHEDULES, {}).items():
         descriptor: Hyper = getattr(type(obj), name)
         obj.__dict__[name] = descriptor.validate(obj, _evaluate(schedule, step), schedule, step)
@@ -151,22 +167,22 @@ def _real_in(value: Any, low: float, high: float, *, closed_low: bool, closed_hi
 
 
 def nonnegative(value: Any) -> float:
-    """A finite real number ``>= 0`` (learning rates, epsilons, penalties)."""
+    """A finite real number `>= 0` (learning rates, epsilons, penalties)."""
     return _real_in(value, 0, math.inf, closed_low=True, closed_high=False)
 
 
 def positive(value: Any) -> float:
-    """A finite real number ``> 0``."""
+    """A finite real number `> 0`."""
     return _real_in(value, 0, math.inf, closed_low=False, closed_high=False)
 
 
 def unit_interval(value: Any) -> float:
-    """A real number in ``[0, 1)`` (momentum and moving-average coefficients)."""
+    """A real number in `[0, 1)` (momentum and moving-average coefficients)."""
     return _real_in(value, 0, 1, closed_low=True, closed_high=False)
 
 
 def beta_pair(value: Any) -> tuple[float, float]:
-    """A pair ``(beta1, beta2)`` of coefficients in ``[0, 1)``."""
+    """A pair `(beta1, beta2)` of coefficients in `[0, 1)`."""
     try:
         b1, b2 = value
     except (TypeError, ValueError):
@@ -175,7 +191,7 @@ def beta_pair(value: Any) -> tuple[float, float]:
 
 
 def decay_factor(value: Any) -> float:
-    """A multiplicative decay in ``(0, 1]``."""
+    """A multiplicative decay in `(0, 1]`."""
     return _real_in(value, 0, 1, closed_low=False, closed_high=True)
 
 
@@ -189,24 +205,24 @@ def _integer_from(value: Any, low: int) -> int:
 
 
 def positive_int(value: Any) -> int:
-    """An integer ``>= 1`` (step counts)."""
+    """An integer `>= 1` (step counts)."""
     return _integer_from(value, 1)
 
 
 def nonnegative_int(value: Any) -> int:
-    """An integer ``>= 0``."""
+    """An integer `>= 0`."""
     return _integer_from(value, 0)
 
 
 def flag(value: Any) -> bool:
-    """A boolean switch (``True``/``False``, not 0/1 or a string)."""
+    """A boolean switch (`True`/`False`, not 0/1 or a string)."""
     if type(value).__name__ not in ("bool", "bool_"):
         raise HyperparameterError(f"expected True or False, got {value!r}")
     return bool(value)
 
 
 def norm_order(value: Any) -> float | int:
-    """The order ``p > 0`` of a p-norm, ``math.inf`` for the max-norm; integers stay integers."""
+    """The order `p > 0` of a p-norm, `math.inf` for the max-norm; integers stay integers."""
     real = _real(value)
     if real <= 0:
         raise HyperparameterError(f"must be > 0 (or math.inf), got {value!r}")

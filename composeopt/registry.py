@@ -1,9 +1,9 @@
 """Every built-in rule, and the cases that the generic contract tests run.
 
-``RULES`` maps each public rule name to its class.  ``CASES`` maps a readable
+`RULES` maps each public rule name to its class.  `CASES` maps a readable
 id to a factory: each rule at its defaults, the variants that take other code
 paths, and a few chains.  A new rule goes in both; a test checks that
-``RULES`` and ``composeopt.__all__`` list the same rules.
+`RULES` and `composeopt.__all__` list the same rules.
 """
 
 from __future__ import annotations

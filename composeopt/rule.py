@@ -1,7 +1,7 @@
-"""The rule protocol: ``init(x) -> state`` and ``apply_(state, x, dx) -> update``.
+"""The rule protocol: `init(x) -> state` and `apply_(state, x, dx) -> update`.
 
 A rule is a small mutable object that holds hyperparameters only.  The
-per-parameter state it needs (moments, step counts) comes from :meth:`Rule.init`
+per-parameter state it needs (moments, step counts) comes from `Rule.init`
 and is kept by the optimiser's state store, outside the rule.
 """
 
@@ -19,34 +19,54 @@ __all__ = ["Rule", "State", "walk_rules"]
 
 
 class State(SimpleNamespace):
-    """A mutable record of per-parameter state, e.g. ``State(mu=..., nu=..., t=0)``.
+    """A mutable record of per-parameter state, e.g. `State(mu=..., nu=..., t=0)`.
 
-    Rules update their state in place (``state.t += 1``, ``state.mu = ...``);
-    :meth:`Rule.apply_` returns only the update.
+    Rules update their state in place (`state.t += 1`, `state.mu = ...`);
+    [Rule.apply_][composeopt.Rule.apply_] returns only the update.
+
+    Examples:
+        >>> import composeopt as co
+        >>> state = co.State(t=0)
+        >>> state.t += 1
+        >>> state
+        State(t=1)
     """
 
 
 class Rule:
     """Base class of every optimisation rule.
 
-    Subclasses declare hyperparameters as :class:`~composeopt.Hyper` class
+    Subclasses declare hyperparameters as [Hyper][composeopt.Hyper] class
     attributes and implement two methods:
 
-    * ``init(x)`` returns the per-parameter state for array ``x`` (arrays in
-      ``x``'s own module, device and dtype), or ``None`` when the rule has none.
-    * ``apply_(state, x, dx)`` returns the update that the engine subtracts from
-      ``x``.  It may mutate ``state`` and ``dx`` (the engine passes its own copy
-      of the gradient), must not mutate ``x``, and must not return an array that
-      it keeps in its state (a later rule in a chain may overwrite it).
+    * `init(x)` returns the per-parameter state for array `x` (arrays in `x`'s
+      own module, device and dtype), or `None` when the rule has none.
+    * `apply_(state, x, dx)` returns the update that the engine subtracts from
+      `x`.  It may mutate `state` and `dx` (the engine passes its own copy of
+      the gradient), must not mutate `x`, and must not return an array that it
+      keeps in its state (a later rule in a chain may overwrite it).
 
     The constructor takes the hyperparameters positionally in declaration order
-    or by name; ``repr`` and ``==`` are derived from them.
+    or by name; `repr` and `==` are derived from them.  See
+    [Writing your own rule](../writing-rules.md) for a worked example.
+
+    Examples:
+        >>> import numpy as np, composeopt as co
+        >>> from composeopt.hyper import nonnegative
+        >>> class Halve(co.Rule):
+        ...     scale = co.Hyper(0.5, nonnegative)
+        ...     def apply_(self, state, x, dx):
+        ...         return self.scale * dx
+        >>> x = np.array([4.0])
+        >>> _ = co.update_(Halve(), x, np.array([2.0]))
+        >>> print(x, Halve(0.25))
+        [3.] Halve(scale=0.25)
     """
 
     fallible: ClassVar[bool] = True
-    """Whether ``apply_`` may raise on input that passed the engine's checks.
+    """Whether `apply_` may raise on input that passed the engine's checks.
     The engine then copies this step's state first, so that a failing step leaves
-    every state as it was.  Built-in rules that cannot fail set it to ``False``."""
+    every state as it was.  Built-in rules that cannot fail set it to `False`."""
 
     _hyper_names: ClassVar[tuple[str, ...]] = ()
 
@@ -88,7 +108,12 @@ class Rule:
         """The current hyperparameter values, by name, in constructor order.
 
         A hyperparameter that follows a schedule reads as its value at the
-        current optimiser step; :meth:`settings` gives the schedule itself.
+        current optimiser step; [settings][composeopt.Rule.settings] gives the schedule itself.
+
+        Examples:
+            >>> import composeopt as co
+            >>> co.Momentum(0.1).hyperparameters()
+            {'eta': 0.1, 'rho': 0.9}
         """
         return {name: getattr(self, name) for name in type(self)._hyper_names}
 
@@ -97,19 +122,19 @@ class Rule:
         return settings(self, type(self)._hyper_names)
 
     def init(self, x: Any) -> Any:
-        """The per-parameter state for ``x``; ``None`` for a stateless rule."""
+        """The per-parameter state for `x`; `None` for a stateless rule."""
         return None
 
     def apply_(self, state: Any, x: Any, dx: Any) -> Any:
-        """The update to subtract from ``x``, given its gradient ``dx``."""
+        """The update to subtract from `x`, given its gradient `dx`."""
         raise NotImplementedError(f"{type(self).__name__} does not implement apply_")
 
     def init_tree_(self, xs: Sequence[Any], paths: Sequence[str]) -> list[Any]:
         """States for several new parameters at once.
 
-        The default calls :meth:`init` on each; rules that need to know where a
-        parameter sits (parameter groups) override it.  ``paths`` are
-        :class:`~composeopt.tree.Path` strings.
+        The default calls [init][composeopt.Rule.init] on each; rules that need to know where a
+        parameter sits (parameter groups) override it.  `paths` are
+        [Path][composeopt.tree.Path] strings.
         """
         states = []
         for x, path in zip(xs, paths):
@@ -124,9 +149,10 @@ class Rule:
     ) -> list[Any]:
         """Updates for every parameter of a tree at once.
 
-        The default applies :meth:`apply_` leaf by leaf.  Tree-level rules (a
-        global norm, gradient accumulation) override it to see every gradient
-        as it reaches them.  ``paths`` name the parameters for error messages.
+        The default applies [apply_][composeopt.Rule.apply_] leaf by leaf.
+        Tree-level rules (a global norm, gradient accumulation) override it to see
+        every gradient as it reaches them.  `paths` name the parameters for error
+        messages.
         """
         updates = []
         for state, x, dx, path in zip(states, xs, dxs, paths):
@@ -137,10 +163,10 @@ class Rule:
         return updates
 
     def begin_step(self, step: int) -> None:
-        """Called once per optimiser step (``step`` = 1, 2, ...) before any parameter.
+        """Called once per optimiser step (`step` = 1, 2, ...) before any parameter.
 
-        Rules that follow the optimiser's step count, not per-parameter calls
-        (:class:`~composeopt.ExpDecay`, :class:`~composeopt.InvDecay`), use it.
+        Rules that follow the optimiser's step count rather than per-parameter calls
+        ([ExpDecay][composeopt.ExpDecay], [InvDecay][composeopt.InvDecay]) use it.
         """
 
     def children(self) -> tuple[Rule, ...]:
@@ -161,7 +187,7 @@ class Rule:
 
 
 def _format(value: Any) -> str:
-    """``repr`` that evaluates back to the value (``math.inf`` has no literal)."""
+    """`repr` that evaluates back to the value (`math.inf` has no literal)."""
     if isinstance(value, float) and math.isinf(value):
         return "float('inf')" if value > 0 else "float('-inf')"
     if isinstance(value, tuple):
@@ -170,7 +196,7 @@ def _format(value: Any) -> str:
 
 
 def walk_rules(rule: Rule) -> Iterator[Rule]:
-    """``rule`` and every rule nested in it, depth first."""
+    """`rule` and every rule nested in it, depth first."""
     yield rule
     for child in rule.children():
         yield from walk_rules(child)

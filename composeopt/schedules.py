@@ -1,17 +1,17 @@
-"""Schedules: callables ``step -> value`` that any hyperparameter can follow.
+"""Schedules: callables `step -> value` that any hyperparameter can follow.
 
-``Adam(eta=CosineAnnealing(1e-3, t_max=1000))`` makes Adam's learning rate
-follow a cosine; ``Momentum(rho=Linear(0.85, 0.95, 500))`` ramps a momentum;
-``Optimiser(WeightDecay(Step(1e-4, 100, 0.5)), Adam())`` halves a weight decay
+`Adam(eta=CosineAnnealing(1e-3, t_max=1000))` makes Adam's learning rate
+follow a cosine; `Momentum(rho=Linear(0.85, 0.95, 500))` ramps a momentum;
+`Optimiser(WeightDecay(Step(1e-4, 100, 0.5)), Adam())` halves a weight decay
 every 100 steps.  The engine evaluates each schedule once per optimiser step,
 before any parameter, and the hyperparameter then reads as that value.
 
-Steps are counted from 1 (the first ``update_`` call is step 1).  The formulas
-below are written with ``t = step - 1``, the 0-based count that torch's
-``lr_scheduler`` (its epoch counter, stepped once per optimiser step), optax and
-MindSpore use, so ``value(step)`` equals their value at ``t``.  Every schedule
-is a frozen dataclass: printable, comparable, and its ``repr`` evaluates back.
-Any other callable ``step -> value`` (a lambda) works as a schedule too.
+Steps are counted from 1 (the first `update_` call is step 1).  The formulas
+below are written with `t = step - 1`, the 0-based count that torch's
+`lr_scheduler` (its epoch counter, stepped once per optimiser step), optax and
+MindSpore use, so `value(step)` equals their value at `t`.  Every schedule
+is a frozen dataclass: printable, comparable, and its `repr` evaluates back.
+Any other callable `step -> value` (a lambda) works as a schedule too.
 """
 
 from __future__ import annotations
@@ -65,13 +65,13 @@ class Schedule:
         raise NotImplementedError
 
     def preview(self, steps: int) -> list[float]:
-        """The values at steps 1 to ``steps``, e.g. to plot the schedule."""
+        """The values at steps 1 to `steps`, e.g. to plot the schedule."""
         return [self(step) for step in range(1, steps + 1)]
 
 
 @dataclass(frozen=True)
 class Constant(Schedule):
-    """``value`` at every step."""
+    """`value` at every step."""
 
     value: float
 
@@ -81,7 +81,7 @@ class Constant(Schedule):
 
 @dataclass(frozen=True)
 class Step(Schedule):
-    """``value · gamma^floor(t / step_size)``: torch's ``StepLR``."""
+    """`value · gamma^floor(t / step_size)`: torch's `StepLR`."""
 
     value: float
     step_size: int
@@ -96,7 +96,7 @@ class Step(Schedule):
 
 @dataclass(frozen=True)
 class MultiStep(Schedule):
-    """``value · gamma^k`` with ``k`` the number of milestones ``<= t``: torch's ``MultiStepLR``."""
+    """`value · gamma^k` with `k` the number of milestones `<= t`: torch's `MultiStepLR`."""
 
     value: float
     milestones: tuple[int, ...]
@@ -112,7 +112,7 @@ class MultiStep(Schedule):
 
 @dataclass(frozen=True)
 class Exponential(Schedule):
-    """``value · gamma^t``: torch's ``ExponentialLR`` stepped every optimiser step."""
+    """`value · gamma^t`: torch's `ExponentialLR` stepped every optimiser step."""
 
     value: float
     gamma: float
@@ -123,7 +123,7 @@ class Exponential(Schedule):
 
 @dataclass(frozen=True)
 class _TimeDecay(Schedule):
-    """Fields and checks shared by the decays of ``p = t / decay_steps`` (``floor`` when ``staircase``)."""
+    """Fields and checks shared by the decays of `p = t / decay_steps` (`floor` when `staircase`)."""
 
     value: float
     decay_rate: float
@@ -139,11 +139,11 @@ class _TimeDecay(Schedule):
 
 
 class ExponentialDecay(_TimeDecay):
-    """``value · decay_rate^p``, ``p = t / decay_steps`` (floored when ``staircase``).
+    """`value · decay_rate^p`, `p = t / decay_steps` (floored when `staircase`).
 
-    MindSpore's ``ExponentialDecayLR(learning_rate, decay_rate, decay_steps, is_stair)``
-    and TensorFlow's ``ExponentialDecay``; optax's ``exponential_decay`` with
-    ``transition_steps=decay_steps``.
+    MindSpore's `ExponentialDecayLR(learning_rate, decay_rate, decay_steps, is_stair)`
+    and TensorFlow's `ExponentialDecay`; optax's `exponential_decay` with
+    `transition_steps=decay_steps`.
     """
 
     def __call__(self, step: int) -> float:
@@ -151,9 +151,9 @@ class ExponentialDecay(_TimeDecay):
 
 
 class InverseTimeDecay(_TimeDecay):
-    """``value / (1 + decay_rate · p)``, ``p = t / decay_steps`` (floored when ``staircase``).
+    """`value / (1 + decay_rate · p)`, `p = t / decay_steps` (floored when `staircase`).
 
-    MindSpore's ``InverseDecayLR`` and TensorFlow's ``InverseTimeDecay``.
+    MindSpore's `InverseDecayLR` and TensorFlow's `InverseTimeDecay`.
     """
 
     def __call__(self, step: int) -> float:
@@ -161,9 +161,9 @@ class InverseTimeDecay(_TimeDecay):
 
 
 class NaturalExpDecay(_TimeDecay):
-    """``value · exp(-decay_rate · p)``, ``p = t / decay_steps`` (floored when ``staircase``).
+    """`value · exp(-decay_rate · p)`, `p = t / decay_steps` (floored when `staircase`).
 
-    MindSpore's ``NaturalExpDecayLR``.
+    MindSpore's `NaturalExpDecayLR`.
     """
 
     def __call__(self, step: int) -> float:
@@ -172,12 +172,12 @@ class NaturalExpDecay(_TimeDecay):
 
 @dataclass(frozen=True)
 class PolynomialDecay(Schedule):
-    """``(value - end_value) · (1 - t / T)^power + end_value``.
+    """`(value - end_value) · (1 - t / T)^power + end_value`.
 
-    Without ``cycle``, ``t`` stops at ``T = decay_steps`` (then ``end_value``
-    holds); with ``cycle``, ``T`` grows to the next multiple of ``decay_steps``
-    above ``t``.  MindSpore's ``PolynomialDecayLR`` and TensorFlow's
-    ``PolynomialDecay``; torch's ``PolynomialLR`` with ``end_value=0``.
+    Without `cycle`, `t` stops at `T = decay_steps` (then `end_value`
+    holds); with `cycle`, `T` grows to the next multiple of `decay_steps`
+    above `t`.  MindSpore's `PolynomialDecayLR` and TensorFlow's
+    `PolynomialDecay`; torch's `PolynomialLR` with `end_value=0`.
     """
 
     value: float
@@ -200,11 +200,11 @@ class PolynomialDecay(Schedule):
 
 @dataclass(frozen=True)
 class PiecewiseConstant(Schedule):
-    """``values[k]`` with ``k`` the number of ``boundaries <= t``.
+    """`values[k]` with `k` the number of `boundaries <= t`.
 
-    ``len(values) == len(boundaries) + 1``.  MindSpore's
-    ``piecewise_constant_lr(milestone, learning_rates)`` is
-    ``PiecewiseConstant(milestone[:-1], learning_rates)``.
+    `len(values) == len(boundaries) + 1`.  MindSpore's
+    `piecewise_constant_lr(milestone, learning_rates)` is
+    `PiecewiseConstant(milestone[:-1], learning_rates)`.
     """
 
     boundaries: tuple[int, ...]
@@ -231,11 +231,11 @@ def _cosine(high: float, low: float, fraction: float) -> float:
 
 @dataclass(frozen=True)
 class CosineAnnealing(Schedule):
-    """``eta_min + (value - eta_min) · (1 + cos(π · min(t, t_max) / t_max)) / 2``.
+    """`eta_min + (value - eta_min) · (1 + cos(π · min(t, t_max) / t_max)) / 2`.
 
-    torch's ``CosineAnnealingLR(T_max=t_max, eta_min=eta_min)`` for ``t <= t_max``
-    (torch keeps following the cosine after ``t_max``; this one stays at
-    ``eta_min``, as optax's ``cosine_decay_schedule`` and MindSpore's ``CosineDecayLR``).
+    torch's `CosineAnnealingLR(T_max=t_max, eta_min=eta_min)` for `t <= t_max`
+    (torch keeps following the cosine after `t_max`; this one stays at
+    `eta_min`, as optax's `cosine_decay_schedule` and MindSpore's `CosineDecayLR`).
     """
 
     value: float
@@ -251,10 +251,10 @@ class CosineAnnealing(Schedule):
 
 @dataclass(frozen=True)
 class CosineAnnealingWarmRestarts(Schedule):
-    """SGDR: cosine from ``value`` to ``eta_min`` over ``T_i`` steps, then a restart.
+    """SGDR: cosine from `value` to `eta_min` over `T_i` steps, then a restart.
 
-    The first cycle lasts ``t_0`` steps and each next one ``t_mult`` times longer:
-    torch's ``CosineAnnealingWarmRestarts(T_0, T_mult, eta_min)``.
+    The first cycle lasts `t_0` steps and each next one `t_mult` times longer:
+    torch's `CosineAnnealingWarmRestarts(T_0, T_mult, eta_min)`.
     Reference: Loshchilov & Hutter (2016), https://arxiv.org/abs/1608.03983
     """
 
@@ -278,11 +278,11 @@ class CosineAnnealingWarmRestarts(Schedule):
 
 @dataclass(frozen=True)
 class Linear(Schedule):
-    """From ``start`` at step 1 to ``end`` after ``steps`` steps, then ``end``.
+    """From `start` at step 1 to `end` after `steps` steps, then `end`.
 
-    torch's ``LinearLR(start_factor, end_factor, total_iters)`` is
-    ``Linear(base · start_factor, base · end_factor, total_iters)``; optax's
-    ``linear_schedule(start, end, steps)``.
+    torch's `LinearLR(start_factor, end_factor, total_iters)` is
+    `Linear(base · start_factor, base · end_factor, total_iters)`; optax's
+    `linear_schedule(start, end, steps)`.
     """
 
     start: float
@@ -298,11 +298,11 @@ class Linear(Schedule):
 
 @dataclass(frozen=True)
 class Warmup(Schedule):
-    """A linear warm-up from ``start`` over ``steps`` steps, then ``schedule`` from its own step 1.
+    """A linear warm-up from `start` over `steps` steps, then `schedule` from its own step 1.
 
-    During the warm-up the value rises from ``start`` towards ``schedule(1)``;
-    ``Warmup(CosineAnnealing(1e-3, 900), 100)`` is optax's
-    ``warmup_cosine_decay_schedule(0, 1e-3, 100, 1000)``.
+    During the warm-up the value rises from `start` towards `schedule(1)`;
+    `Warmup(CosineAnnealing(1e-3, 900), 100)` is optax's
+    `warmup_cosine_decay_schedule(0, 1e-3, 100, 1000)`.
     """
 
     schedule: Any
@@ -321,12 +321,12 @@ class Warmup(Schedule):
 
 @dataclass(frozen=True)
 class OneCycle(Schedule):
-    """The 1cycle policy: up from ``max_value / div_factor`` to ``max_value``, then down to
-    ``max_value / div_factor / final_div_factor``, over ``total_steps``.
+    """The 1cycle policy: up from `max_value / div_factor` to `max_value`, then down to
+    `max_value / div_factor / final_div_factor`, over `total_steps`.
 
-    torch's ``OneCycleLR(max_lr, total_steps, pct_start, anneal_strategy, div_factor,
-    final_div_factor, three_phase)`` (``anneal`` is ``"cos"`` or ``"linear"``);
-    past ``total_steps`` the last value holds.
+    torch's `OneCycleLR(max_lr, total_steps, pct_start, anneal_strategy, div_factor,
+    final_div_factor, three_phase)` (`anneal` is `"cos"` or `"linear"`);
+    past `total_steps` the last value holds.
     Reference: Smith & Topin (2017), https://arxiv.org/abs/1708.07120
     """
 
@@ -366,11 +366,11 @@ class OneCycle(Schedule):
 
 @dataclass(frozen=True)
 class Cyclic(Schedule):
-    """A triangular wave between ``base`` and ``max_value``: torch's ``CyclicLR``.
+    """A triangular wave between `base` and `max_value`: torch's `CyclicLR`.
 
-    It rises for ``step_size_up`` steps and falls for ``step_size_down`` (default:
-    the same).  ``mode`` ``"triangular2"`` halves the amplitude every cycle;
-    ``"exp_range"`` scales it by ``gamma^t``.
+    It rises for `step_size_up` steps and falls for `step_size_down` (default:
+    the same).  `mode` `"triangular2"` halves the amplitude every cycle;
+    `"exp_range"` scales it by `gamma^t`.
     Reference: Smith (2015), https://arxiv.org/abs/1506.01186
     """
 
@@ -405,19 +405,19 @@ class Cyclic(Schedule):
 
 
 def Triangle(low: float, high: float, period: int) -> Cyclic:  # noqa: N802 - reads as a schedule class
-    """ParameterSchedulers.jl's ``Triangle``: a symmetric triangular wave of ``period`` steps
-    from ``low`` up to ``high`` and back (``period`` even)."""
+    """ParameterSchedulers.jl's `Triangle`: a symmetric triangular wave of `period` steps
+    from `low` up to `high` and back (`period` even)."""
     _require(period >= 2 and period % 2 == 0, "Triangle: period must be an even number >= 2")
     return Cyclic(low, high, period // 2)
 
 
 @dataclass(frozen=True)
 class Join(Schedule):
-    """Switch schedules at step boundaries: ``schedules[k]`` runs after ``boundaries[k-1]`` steps.
+    """Switch schedules at step boundaries: `schedules[k]` runs after `boundaries[k-1]` steps.
 
-    Each schedule starts again from its own step 1, as optax's ``join_schedules``:
-    ``Join([Linear(0, 1e-3, 100), CosineAnnealing(1e-3, 900)], [100])``.
-    Alias: ``Sequence`` (ParameterSchedulers.jl's name).
+    Each schedule starts again from its own step 1, as optax's `join_schedules`:
+    `Join([Linear(0, 1e-3, 100), CosineAnnealing(1e-3, 900)], [100])`.
+    Alias: `Sequence` (ParameterSchedulers.jl's name).
     """
 
     schedules: tuple[Any, ...]

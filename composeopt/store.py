@@ -1,6 +1,6 @@
 """The optimiser's per-parameter state, keyed by the parameter's identity.
 
-Like Flux's ``IdDict`` but safe against Python's reuse of ``id``s: each entry
+Like Flux's `IdDict` but safe against Python's reuse of `id`s: each entry
 keeps a weak reference to its parameter, a different object under a reused id
 is a new parameter, and an entry disappears when its parameter is garbage
 collected, so rebuilding a model does not leak state.
@@ -47,14 +47,14 @@ class IdentityMap:
         return self.get(x, _MISSING) is not _MISSING
 
     def get(self, x: Any, default: Any = None) -> Any:
-        """The state of parameter ``x``, or ``default`` if it has none."""
+        """The state of parameter `x`, or `default` if it has none."""
         entry = self._entries.get(id(x))
         if entry is None or entry[0]() is not x:
             return default
         return entry[1]
 
     def set(self, x: Any, state: Any) -> None:
-        """Store ``state`` for parameter ``x`` (replacing any state of a dead object with its id)."""
+        """Store `state` for parameter `x` (replacing any state of a dead object with its id)."""
         key = id(x)
         entry = self._entries.get(key)
         if entry is not None and entry[0]() is x:
@@ -67,12 +67,12 @@ class IdentityMap:
         self._entries[key] = (ref, state)
 
     def discard(self, x: Any) -> None:
-        """Forget the state of parameter ``x``, if any."""
+        """Forget the state of parameter `x`, if any."""
         if x in self:
             del self._entries[id(x)]
 
     def move(self, old: Any, new: Any) -> None:
-        """Hand ``old``'s state over to ``new`` (the functional ``update`` returns new arrays)."""
+        """Hand `old`'s state over to `new` (the functional `update` returns new arrays)."""
         state = self.get(old, _MISSING)
         if state is not _MISSING:
             self.discard(old)
@@ -86,8 +86,8 @@ class IdentityMap:
 class StateStore(IdentityMap):
     """Per-parameter states of one optimiser, its step count and its frozen parameters.
 
-    ``step`` counts completed optimiser steps (``update_`` calls); ``frozen``
-    marks the parameters that :func:`~composeopt.freeze_` froze.
+    `step` counts completed optimiser steps (`update_` calls); `frozen`
+    marks the parameters that [freeze_][composeopt.freeze_] froze.
     """
 
     def __init__(self) -> None:

@@ -1,7 +1,7 @@
 """Walking params trees: dicts (any Mapping), lists, tuples, namedtuples, nesting.
 
-Leaves are arrays.  Each leaf is named by its :class:`Path`, written as Python
-would index it: ``params['layer1']['W']``, ``params[0]``, ``params.weight``.
+Leaves are arrays.  Each leaf is named by its [Path][composeopt.tree.Path], written as Python
+would index it: `params['layer1']['W']`, `params[0]`, `params.weight`.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ ROOT = "params"
 class Path(str):
     """Where a leaf sits in the params tree.
 
-    As a string it reads as Python indexing (``params['layer1']['W']``), for
-    messages; :attr:`keys` holds the raw keys (``('layer1', 'W')``) and
-    :attr:`key` joins them with ``/`` (``layer1/W``), the form that patterns
-    in groups and :func:`~composeopt.freeze_` match.
+    As a string it reads as Python indexing (`params['layer1']['W']`), for
+    messages; `keys` holds the raw keys (`('layer1', 'W')`) and
+    `key` joins them with `/` (`layer1/W`), the form that patterns
+    in groups and [freeze_][composeopt.freeze_] match.
     """
 
     keys: tuple[Any, ...]
@@ -52,10 +52,10 @@ def _kind(obj: Any) -> str:
 
 
 def zip_leaves(params: Any, grads: Any, path: Path | None = None) -> Iterator[tuple[Path, Any, Any]]:
-    """Yield ``(path, x, dx)`` for every array ``x`` of ``params`` whose gradient is not ``None``.
+    """Yield `(path, x, dx)` for every array `x` of `params` whose gradient is not `None`.
 
-    A ``None`` gradient, at a leaf or in place of a whole subtree, skips it.
-    Raises :class:`TreeStructureError` where the two trees differ.
+    A `None` gradient, at a leaf or in place of a whole subtree, skips it.
+    Raises `TreeStructureError` where the two trees differ.
     """
     if path is None:
         path = Path()
@@ -97,7 +97,7 @@ def zip_leaves(params: Any, grads: Any, path: Path | None = None) -> Iterator[tu
 
 
 def array_leaves(params: Any, path: Path | None = None) -> Iterator[tuple[Path, Any]]:
-    """Yield ``(path, x)`` for every array of ``params``; other leaves are passed over."""
+    """Yield `(path, x)` for every array of `params`; other leaves are passed over."""
     if path is None:
         path = Path()
     if is_array(params):
@@ -114,7 +114,7 @@ def array_leaves(params: Any, path: Path | None = None) -> Iterator[tuple[Path, 
 
 
 def rebuild(tree: Any, replace: Callable[[Any], Any]) -> Any:
-    """A copy of ``tree`` with every array leaf ``x`` replaced by ``replace(x)``.
+    """A copy of `tree` with every array leaf `x` replaced by `replace(x)`.
 
     Containers are rebuilt with their own type where it can be (dict
     subclasses, namedtuples, list and tuple subclasses); non-array leaves are

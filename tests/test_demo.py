@@ -126,18 +126,26 @@ def test_convergence_table_has_the_nine_runs():
 def test_format_table_aligns_columns():
     text = demo.format_table(["name", "n"], [["a", "1"], ["bbb", "22"]])
     assert text.splitlines() == ["name   n", "----  --", "a      1", "bbb   22"]
+    two_left = demo.format_table(["a", "b", "n"], [["x", "yy", "1"], ["xx", "y", "22"]], left=2)
+    assert two_left.splitlines() == ["a   b    n", "--  --  --", "x   yy   1", "xx  y   22"]
 
 
-def test_main_demo_prints_both_tables(capsys):
-    assert demo.main(["demo"]) == 0
-    out = capsys.readouterr().out
+def test_main_demo_prints_the_three_parts(capsys, tmp_path):
+    assert demo.main(["demo", "--quiet", "--steps", "40", "--plots", str(tmp_path / "plots")]) == 0
+    captured = capsys.readouterr()
+    out = captured.out
     assert "1. Linear regression" in out
     assert "2. Convergence test" in out
+    assert "3. Rules side by side" in out
     assert "loss before" in out and "|x - x*|" in out
     assert "final eta: 0.001," in out
     assert "passes" in out and "fails" not in out
     assert out.count("exploded at iteration 5") == 2
     assert "converged in" in out
+    table = [line for line in out.splitlines() if line.startswith(("Rosenbrock", "Beale", "Quartic", "MLP"))]
+    assert len(table) == 4 * 7
+    assert all(line.split()[-4] == "40" for line in table)  # the steps column
+    assert captured.err == ""  # --quiet: no progress bar
 
 
 def test_main_without_a_command_prints_help(capsys):
@@ -168,3 +176,198 @@ def test_dunder_main_runs_the_command_line(monkeypatch, capsys):
         runpy.run_module("composeopt", run_name="__main__")
     assert info.value.code == 0
     assert "usage: python -m composeopt" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------
+# 3. Rules side by side
+# --------------------------------------------------------------------------
+
+
+def numerical_gradient(f, p, h=1e-6):
+    p = np.asarray(p, dtype=float)
+    grad = np.zeros_like(p)
+    for k in range(p.size):
+        step = np.zeros_like(p)
+        step[k] = h
+        grad[k] = (float(np.sum(f(p + step))) - float(np.sum(f(p - step)))) / (2 * h)
+    return grad
+
+
+@pytest.mark.parametrize(
+    ("f", "gradient", "point"),
+    [
+        (demo.rosenbrock, demo.rosenbrock_gradient, [-1.5, 2.0]),
+        (demo.rosenbrock, demo.rosenbrock_gradient, [0.3, -0.7]),
+        (demo.beale, demo.beale_gradient, [1.0, 1.5]),
+        (demo.beale, demo.beale_gradient, [-0.4, 0.9]),
+        (demo.quartic, demo.quartic_gradient, [2.0]),
+        (demo.quartic, demo.quartic_gradient, [-0.6]),
+    ],
+)
+def test_test_function_gradients_match_finite_differences(f, gradient, point):
+    np.testing.assert_allclose(gradient(np.array(point)), numerical_gradient(f, point), rtol=1e-6, atol=1e-6)
+
+
+def test_test_functions_vanish_at_their_minima():
+    assert demo.rosenbrock(np.array([1.0, 1.0])) == 0
+    assert demo.beale(np.array([3.0, 0.5])) == 0
+    np.testing.assert_array_equal(demo.rosenbrock_gradient(np.array([1.0, 1.0])), [0, 0])
+    np.testing.assert_array_equal(demo.beale_gradient(np.array([3.0, 0.5])), [0, 0])
+    assert demo.quartic_gradient(np.array([demo.X_STAR]))[0] == 0
+    assert demo.rosenbrock(np.array([-1.5, 2.0])) == pytest.approx(2.5**2 + 100 * 0.25**2)
+
+
+def test_test_functions_take_grids():
+    grid = np.stack(np.meshgrid(np.linspace(-1, 1, 3), np.linspace(0, 2, 4)))
+    values = demo.beale(grid)
+    assert values.shape == (4, 3)
+    assert values[2, 1] == pytest.approx(float(demo.beale(grid[:, 2, 1])))
+
+
+def test_mlp_gradient_matches_finite_differences():
+    X, y = demo.two_spirals(n_per_arm=8, seed=5)
+    params = demo.mlp_init(seed=5)
+    _, grads = demo.mlp_loss_and_gradient(params, X, y)
+    for name, value in params.items():
+        index = (0,) * value.ndim
+        saved = value[index]
+        value[index] = saved + 1e-6
+        up = demo.mlp_loss_and_gradient(params, X, y)[0]
+        value[index] = saved - 1e-6
+        down = demo.mlp_loss_and_gradient(params, X, y)[0]
+        value[index] = saved
+        assert grads[name][index] == pytest.approx((up - down) / 2e-6, rel=1e-5, abs=1e-10), name
+
+
+def test_problems_have_seven_rules_each_and_distinct_names():
+    problems = demo.problems()
+    assert [p.name for p in problems] == ["rosenbrock", "beale", "quartic", "mlp"]
+    for problem in problems:
+        labels = [demo.run_rule(problem, factory(), steps=1).rule for factory in problem.rules]
+        assert len(labels) == 7 == len(set(labels))
+        assert [label.split("(")[0] for label in labels] == [
+            "Descent",
+            "Momentum",
+            "Nesterov",
+            "RMSProp",
+            "AdaGrad",
+            "Adam",
+            "AdaBelief",
+        ]
+
+
+def test_run_rule_records_losses_and_path_of_plain_descent():
+    problem = demo.problems()[0]  # Rosenbrock from (-1.5, 2)
+    run = demo.run_rule(problem, co.Descent(1e-4), steps=3)
+    x = np.array([-1.5, 2.0])
+    expected_path = [x.copy()]
+    for _ in range(3):
+        x = x - 1e-4 * demo.rosenbrock_gradient(x)
+        expected_path.append(x)
+    np.testing.assert_allclose(run.path, expected_path, rtol=1e-12)
+    np.testing.assert_allclose(run.losses, [demo.rosenbrock(p) for p in expected_path], rtol=1e-12)
+    assert run.steps == 3 and run.final_loss == run.losses[-1] and run.seconds >= 0
+    assert run.problem == "rosenbrock" and run.rule == "Descent(0.0001)"
+
+
+def test_a_diverging_run_stops_and_is_reported(capsys):
+    problem = demo.problems()[0]
+    run = demo.run_rule(problem, co.Descent(1.0), steps=100)  # far too large a step
+    assert run.steps < 100 and not np.isfinite(run.final_loss)
+    rows = demo.format_table(["rule"], [[run.rule]])
+    assert "Descent(1)" in rows
+
+
+def test_full_runs_reach_the_minima():
+    problems = {p.name: p for p in demo.problems()}
+    adam = demo.run_rule(problems["rosenbrock"], co.Adam(0.05))
+    assert adam.steps == 3000 and adam.final_loss < 1e-12
+    np.testing.assert_allclose(adam.path[-1], [1.0, 1.0], atol=1e-6)
+    momentum = demo.run_rule(problems["quartic"], co.Momentum(0.01))
+    assert momentum.path[-1][0] == pytest.approx(demo.X_STAR, abs=1e-6)
+    descent = demo.run_rule(problems["quartic"], co.Descent(0.01))
+    assert 0 < descent.path[-1][0] < 0.1  # stuck near the saddle at 0
+    assert momentum.final_loss == pytest.approx(problems["quartic"].min_loss)
+
+
+def test_mlp_problem_learns_with_adam():
+    mlp = demo.problems()[3]
+    run = demo.run_rule(mlp, co.Adam(0.01), steps=300)
+    assert run.path is None
+    assert run.losses[0] > 0.6 and run.final_loss < 0.3
+
+
+def test_compare_rules_reports_progress_for_every_step():
+    problems = demo.problems()[:2]
+    seen = []
+    results = demo.compare_rules(problems, steps=250, progress=seen.append)
+    assert len(results) == 14
+    assert sum(seen) == 250 * 14
+    assert all(r.steps == 250 for r in results)
+
+
+def test_save_plots_writes_pngs(tmp_path):
+    pytest.importorskip("matplotlib")
+    problems = demo.problems()
+    results = demo.compare_rules(problems, steps=30)
+    files = demo.save_plots(results, problems, tmp_path / "plots")
+    assert [f.name for f in files] == [
+        "rosenbrock_paths.png",
+        "rosenbrock_loss.png",
+        "beale_paths.png",
+        "beale_loss.png",
+        "quartic_paths.png",
+        "quartic_loss.png",
+        "mlp_loss.png",
+    ]
+    for file in files:
+        assert file.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and file.stat().st_size > 10_000
+
+
+@pytest.fixture
+def short_regression(monkeypatch):
+    """The demo's first part with 50 steps per case instead of 5000 to 20000."""
+    cases = tuple((label, factory, 50) for label, factory, _ in demo.REGRESSION_CASES)
+    monkeypatch.setattr(demo, "REGRESSION_CASES", cases)
+
+
+def test_without_matplotlib_the_demo_explains_how_to_get_plots(
+    monkeypatch, tmp_path, capsys, short_regression
+):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
+    files = demo.run_demo(plots=tmp_path / "plots", steps=5)
+    out = capsys.readouterr().out
+    assert files == []
+    assert "pip install 'composeopt[demo]'" in out
+    assert "3. Rules side by side" in out
+    assert not (tmp_path / "plots").exists()
+
+
+def test_progress_bar_goes_to_stderr(capsys, short_regression):
+    pytest.importorskip("tqdm")
+    demo.main(["demo", "--steps", "20", "--no-plots"])
+    captured = capsys.readouterr()
+    assert "comparison" in captured.err and "linear regression" in captured.err
+    assert "comparison" not in captured.out
+
+
+def test_progress_without_tqdm_is_silent(monkeypatch, capsys, short_regression):
+    monkeypatch.setitem(sys.modules, "tqdm", None)
+    demo.main(["demo", "--steps", "5", "--no-plots"])
+    assert capsys.readouterr().err == ""
+
+
+def test_demo_help_lists_its_options(capsys):
+    with pytest.raises(SystemExit):
+        demo.main(["demo", "--help"])
+    out = capsys.readouterr().out
+    for option in ("--seed", "--steps", "--plots", "--no-plots", "--quiet"):
+        assert option in out
+
+
+def test_steps_must_be_positive(capsys):
+    with pytest.raises(SystemExit) as info:
+        demo.main(["demo", "--steps", "0"])
+    assert info.value.code == 2
+    assert "--steps must be at least 1" in capsys.readouterr().err

@@ -12,9 +12,9 @@ __all__ = ["ema", "bias_corrected_direction", "norm_power", "norm_from_power"]
 
 
 def ema(average: Any, value: Any, decay: float) -> Any:
-    """``decay * average + (1 - decay) * value``, in place when the array allows it.
+    """`decay * average + (1 - decay) * value`, in place when the array allows it.
 
-    Returns the result: assign it back (``state.mu = ema(state.mu, dx, b1)``) so
+    Returns the result: assign it back (`state.mu = ema(state.mu, dx, b1)`) so
     that immutable arrays (JAX) work too.
     """
     average *= decay
@@ -25,7 +25,7 @@ def ema(average: Any, value: Any, decay: float) -> Any:
 def bias_corrected_direction(
     xp: ModuleType, mu: Any, nu: Any, t: int, beta: tuple[float, float], eps: float
 ) -> Any:
-    """Adam's direction ``m̂ / (sqrt(v̂) + eps)`` with ``m̂ = mu / (1 - β1^t)``, ``v̂ = nu / (1 - β2^t)``."""
+    """Adam's direction `m̂ / (sqrt(v̂) + eps)` with `m̂ = mu / (1 - β1^t)`, `v̂ = nu / (1 - β2^t)`."""
     b1, b2 = beta
     return (mu / (1 - b1**t)) / (xp.sqrt(nu / (1 - b2**t)) + eps)
 
@@ -36,7 +36,7 @@ def _wide(xp: ModuleType, a: Any) -> Any:
 
 
 def norm_power(xp: ModuleType, dx: Any, p: float) -> Any:
-    """``sum |dx|^p`` as a 0-d array (``max |dx|`` for ``p = inf``), reduced in float32 or wider."""
+    """`sum |dx|^p` as a 0-d array (`max |dx|` for `p = inf`), reduced in float32 or wider."""
     if math.prod(dx.shape) == 0:
         return xp.zeros((), dtype=_wide(xp, dx).dtype, device=device(dx))
     magnitude = _wide(xp, xp.abs(dx))
@@ -50,7 +50,7 @@ def norm_power(xp: ModuleType, dx: Any, p: float) -> Any:
 
 
 def norm_from_power(xp: ModuleType, power: Any, p: float) -> Any:
-    """The p-norm from :func:`norm_power`'s result."""
+    """The p-norm from `norm_power`'s result."""
     if p == math.inf or p == 1:
         return power
     if p == 2:

@@ -19,28 +19,40 @@ def _moments(x: Any) -> State:
 
 
 def _advance(state: State, dx: Any, beta: tuple[float, float]) -> None:
-    """One step of the two moment estimates: ``mu ← β1 mu + (1-β1) dx``, ``nu ← β2 nu + (1-β2) dx²``."""
+    """One step of the two moment estimates: `mu ← β1 mu + (1-β1) dx`, `nu ← β2 nu + (1-β2) dx²`."""
     state.t += 1
     state.mu = ema(state.mu, dx, beta[0])
     state.nu = ema(state.nu, dx * dx, beta[1])
 
 
 class Adam(Rule):
-    r"""Adam: ``Adam(eta=0.001, beta=(0.9, 0.999), epsilon=1e-8)``.
+    r"""Adam: `Adam(eta=0.001, beta=(0.9, 0.999), epsilon=1e-8)`.
 
-    .. math::
-        m \leftarrow \beta_1 m + (1-\beta_1) dx, \quad
-        v \leftarrow \beta_2 v + (1-\beta_2) dx^2, \quad
-        \Delta = \eta \frac{m / (1-\beta_1^t)}{\sqrt{v / (1-\beta_2^t)} + \epsilon}
+    $$m \leftarrow \beta_1 m + (1-\beta_1)\, dx, \qquad
+    v \leftarrow \beta_2 v + (1-\beta_2)\, dx^2, \qquad
+    \Delta = \eta\, \frac{m / (1-\beta_1^t)}{\sqrt{v / (1-\beta_2^t)} + \epsilon}$$
 
     Args:
-        eta: learning rate ``η``.
-        beta: decays ``(β1, β2)`` of the first and second moments, each in [0, 1).
-        epsilon: ``ϵ``, outside the square root (floored for float16).
+        eta: learning rate $\eta \ge 0$.
+        beta: decays $(\beta_1, \beta_2)$ of the first and second moments, each in [0, 1).
+        epsilon: $\epsilon$, outside the square root (floored for float16).
 
-    State: ``mu`` (m), ``nu`` (v), ``t`` (steps taken by this parameter).
-    Equals ``optax.adam(eta, b1, b2, epsilon)`` and ``torch.optim.Adam(lr=eta, betas=beta, eps=epsilon)``.
-    Reference: Kingma & Ba (2014), https://arxiv.org/abs/1412.6980
+    State: `mu` ($m$), `nu` ($v$) and `t`, the steps this parameter has taken.
+
+    Same as `optax.adam(eta, b1, b2, eps=epsilon)` and
+    `torch.optim.Adam(lr=eta, betas=beta, eps=epsilon)`.
+
+    Reference: [Kingma & Ba (2014)](https://arxiv.org/abs/1412.6980)
+
+    Examples:
+        The first step has size $\eta$ in every coordinate, whatever the
+        gradient's scale:
+
+        >>> import numpy as np, composeopt as co
+        >>> x = np.zeros(3)
+        >>> _ = co.update_(co.Adam(0.1), x, np.array([0.02, -5.0, 2e4]))
+        >>> print(x.round(4))
+        [-0.1  0.1 -0.1]
     """
 
     fallible = False
@@ -58,19 +70,28 @@ class Adam(Rule):
 
 
 class RAdam(Rule):
-    r"""Rectified Adam: ``RAdam(eta=0.001, beta=(0.9, 0.999), epsilon=1e-8)``.
+    r"""Rectified Adam: `RAdam(eta=0.001, beta=(0.9, 0.999), epsilon=1e-8)`.
 
-    With :math:`\rho_\infty = 2/(1-\beta_2) - 1` and
-    :math:`\rho_t = \rho_\infty - 2t\beta_2^t/(1-\beta_2^t)`: while
-    :math:`\rho_t \le 4` the step is momentum only, :math:`\Delta = \eta\, m/(1-\beta_1^t)`;
-    after, it is Adam's step times
-    :math:`r_t = \sqrt{\frac{(\rho_t-4)(\rho_t-2)\rho_\infty}{(\rho_\infty-4)(\rho_\infty-2)\rho_t}}`.
+    With $\rho_\infty = 2/(1-\beta_2) - 1$ and
+    $\rho_t = \rho_\infty - 2t\beta_2^t/(1-\beta_2^t)$: while $\rho_t \le 4$ the
+    step is momentum only, $\Delta = \eta\, m/(1-\beta_1^t)$; after, it is
+    [Adam][composeopt.Adam]'s step times
 
-    Args: as :class:`Adam`.  State: as :class:`Adam`.
+    $$r_t = \sqrt{\frac{(\rho_t-4)(\rho_t-2)\rho_\infty}{(\rho_\infty-4)(\rho_\infty-2)\rho_t}}$$
 
-    The threshold 4 is the paper's and Optimisers.jl's; optax.radam and
-    torch.optim.RAdam use 5 (``optax.radam(..., threshold=4.0)`` matches).
-    Reference: Liu et al. (2019), https://arxiv.org/abs/1908.03265
+    Args:
+        eta: learning rate $\eta \ge 0$.
+        beta: moment decays $(\beta_1, \beta_2)$, each in [0, 1).
+        epsilon: $\epsilon$, outside the square root.
+
+    State: as [Adam][composeopt.Adam].
+
+    Warning:
+        The threshold 4 is the paper's and Optimisers.jl's; `optax.radam` and
+        `torch.optim.RAdam` use 5. `optax.radam(eta, b1, b2, eps=epsilon, threshold=4.0)`
+        is this rule; torch has no setting for it.
+
+    Reference: [Liu et al. (2019)](https://arxiv.org/abs/1908.03265)
     """
 
     fallible = False
@@ -94,17 +115,25 @@ class RAdam(Rule):
 
 
 class AdaMax(Rule):
-    r"""AdaMax, Adam with the infinity norm: ``AdaMax(eta=0.001, beta=(0.9, 0.999), epsilon=1e-8)``.
+    r"""AdaMax, Adam with the infinity norm: `AdaMax(eta=0.001, beta=(0.9, 0.999), epsilon=1e-8)`.
 
-    .. math::
-        m \leftarrow \beta_1 m + (1-\beta_1) dx, \quad
-        u \leftarrow \max(\beta_2 u, |dx|), \quad
-        \Delta = \frac{\eta}{1-\beta_1^t} \frac{m}{u + \epsilon}
+    $$m \leftarrow \beta_1 m + (1-\beta_1)\, dx, \qquad
+    u \leftarrow \max(\beta_2 u, |dx|), \qquad
+    \Delta = \frac{\eta}{1-\beta_1^t}\, \frac{m}{u + \epsilon}$$
 
-    Args: as :class:`Adam`.  State: ``mu``, ``nu`` (u), ``t``.
-    optax.adamax keeps ``max(β2 u, |dx| + ϵ)`` and divides by it, so the two agree
-    exactly for ``epsilon=0`` and within ``ϵ`` otherwise.
-    Reference: Kingma & Ba (2014), section 7, https://arxiv.org/abs/1412.6980
+    Args:
+        eta: learning rate $\eta \ge 0$.
+        beta: decays $(\beta_1, \beta_2)$, each in [0, 1).
+        epsilon: $\epsilon$, added to $u$.
+
+    State: `mu` ($m$), `nu` ($u$) and `t`.
+
+    Warning:
+        optax and torch keep $\max(\beta_2 u, |dx| + \epsilon)$ and divide by it,
+        so they agree exactly for `epsilon=0`:
+        `optax.adamax(eta, b1, b2, eps=0.0)`, `torch.optim.Adamax(lr=eta, betas=beta, eps=0.0)`.
+
+    Reference: [Kingma & Ba (2014), section 7](https://arxiv.org/abs/1412.6980)
     """
 
     fallible = False
@@ -126,20 +155,28 @@ class AdaMax(Rule):
 
 
 class NAdam(Rule):
-    r"""Nesterov-accelerated Adam: ``NAdam(eta=0.001, beta=(0.9, 0.999), epsilon=1e-8)``.
+    r"""Nesterov-accelerated Adam: `NAdam(eta=0.001, beta=(0.9, 0.999), epsilon=1e-8)`.
 
-    .. math::
-        \Delta = \eta\,
-        \frac{\beta_1 m / (1-\beta_1^{t+1}) + (1-\beta_1)\, dx / (1-\beta_1^t)}
-             {\sqrt{\beta_2 v / (1-\beta_2^t)} + \epsilon}
+    $$\Delta = \eta\,
+    \frac{\beta_1 m / (1-\beta_1^{t+1}) + (1-\beta_1)\, dx / (1-\beta_1^t)}
+         {\sqrt{\beta_2 v / (1-\beta_2^t)} + \epsilon}$$
 
-    with ``m`` and ``v`` updated as in :class:`Adam` first.  This is Dozat's
-    Algorithm 2 as written in Optimisers.jl (constant β1, and the factor β2
-    in the root); optax.nadam has no β2 factor there and torch.optim.NAdam
-    adds a momentum-decay schedule, so neither matches exactly.
+    with $m$ and $v$ updated as in [Adam][composeopt.Adam] first.  This is
+    Dozat's algorithm 2 as Optimisers.jl writes it: constant $\beta_1$ and the
+    factor $\beta_2$ under the root.
 
-    Args: as :class:`Adam`.  State: as :class:`Adam`.
-    Reference: Dozat (2016), https://openreview.net/forum?id=OM0jvwB8jIp57ZJjtNEZ
+    Args:
+        eta: learning rate $\eta \ge 0$.
+        beta: moment decays $(\beta_1, \beta_2)$, each in [0, 1).
+        epsilon: $\epsilon$, outside the square root.
+
+    State: as [Adam][composeopt.Adam].
+
+    Warning:
+        No exact twin: `optax.nadam` has no $\beta_2$ factor under the root and
+        `torch.optim.NAdam` adds a momentum-decay schedule.
+
+    Reference: [Dozat (2016)](https://openreview.net/forum?id=OM0jvwB8jIp57ZJjtNEZ)
     """
 
     fallible = False
@@ -160,20 +197,28 @@ class NAdam(Rule):
 
 
 class AMSGrad(Rule):
-    r"""AMSGrad: ``AMSGrad(eta=0.001, beta=(0.9, 0.999), epsilon=1e-8)``.
+    r"""AMSGrad: `AMSGrad(eta=0.001, beta=(0.9, 0.999), epsilon=1e-8)`.
 
-    .. math::
-        m \leftarrow \beta_1 m + (1-\beta_1) dx, \quad
-        v \leftarrow \beta_2 v + (1-\beta_2) dx^2, \quad
-        \hat v \leftarrow \max(\hat v, v), \quad
-        \Delta = \frac{\eta\, m}{\sqrt{\hat v} + \epsilon}
+    $$m \leftarrow \beta_1 m + (1-\beta_1)\, dx, \qquad
+    v \leftarrow \beta_2 v + (1-\beta_2)\, dx^2, \qquad
+    \hat v \leftarrow \max(\hat v, v), \qquad
+    \Delta = \frac{\eta\, m}{\sqrt{\hat v} + \epsilon}$$
 
-    without bias correction, as in the paper; ``m``, ``v`` and ``v̂`` start at
-    ``ϵ`` as in Optimisers.jl.  optax.amsgrad and torch's ``Adam(amsgrad=True)``
-    bias-correct and differ in the first steps.
+    without bias correction, as in the paper; $m$, $v$ and $\hat v$ start at
+    $\epsilon$, as in Optimisers.jl.
 
-    Args: as :class:`Adam`.  State: ``mu``, ``nu``, ``nu_max``.
-    Reference: Reddi, Kale & Kumar (2018), https://openreview.net/forum?id=ryQu7f-RZ
+    Args:
+        eta: learning rate $\eta \ge 0$.
+        beta: moment decays $(\beta_1, \beta_2)$, each in [0, 1).
+        epsilon: $\epsilon$, the initial state and the term outside the root.
+
+    State: `mu` ($m$), `nu` ($v$), `nu_max` ($\hat v$).
+
+    Warning:
+        `optax.amsgrad` and `torch.optim.Adam(amsgrad=True)` bias-correct, so
+        their first steps differ.
+
+    Reference: [Reddi, Kale & Kumar (2018)](https://openreview.net/forum?id=ryQu7f-RZ)
     """
 
     fallible = False
@@ -199,15 +244,22 @@ class AMSGrad(Rule):
 
 
 class OAdam(Rule):
-    r"""Optimistic Adam: ``OAdam(eta=0.001, beta=(0.5, 0.9), epsilon=1e-8)``.
+    r"""Optimistic Adam: `OAdam(eta=0.001, beta=(0.5, 0.9), epsilon=1e-8)`.
 
-    With :math:`a_t` Adam's step (as in :class:`Adam`), the update is
-    :math:`\Delta = 2 a_t - a_{t-1}` (``a_0 = 0``): an extrapolation suited to
-    adversarial (min-max) training.
+    With $a_t$ the step of [Adam][composeopt.Adam], the update is
 
-    Args: as :class:`Adam`, with defaults ``beta=(0.5, 0.9)``.
-    State: ``mu``, ``nu``, ``t``, ``previous`` (the last Adam step).
-    Reference: Daskalakis et al. (2017), https://arxiv.org/abs/1711.00141
+    $$\Delta = 2 a_t - a_{t-1}, \qquad a_0 = 0$$
+
+    an extrapolation suited to adversarial (min-max) training.
+
+    Args:
+        eta: learning rate $\eta \ge 0$.
+        beta: moment decays $(\beta_1, \beta_2)$, by default (0.5, 0.9).
+        epsilon: $\epsilon$, outside the square root.
+
+    State: `mu`, `nu`, `t`, and `previous`, the last Adam step.
+
+    Reference: [Daskalakis et al. (2017)](https://arxiv.org/abs/1711.00141)
     """
 
     fallible = False
@@ -231,25 +283,33 @@ class OAdam(Rule):
 
 class AdamW(Rule):
     r"""Adam with weight decay:
-    ``AdamW(eta=0.001, beta=(0.9, 0.999), lambda_=0.0, epsilon=1e-8, couple=True)``.
+    `AdamW(eta=0.001, beta=(0.9, 0.999), lambda_=0.0, epsilon=1e-8, couple=True)`.
 
-    With ``a`` Adam's direction at learning rate 1:
+    With $a$ the direction of [Adam][composeopt.Adam] at learning rate 1:
 
-    * ``couple=True`` (torch.optim.AdamW, optax.adamw): :math:`\Delta = \eta\,(a + \lambda x)`;
-    * ``couple=False`` (the paper's decoupled form): :math:`\Delta = \eta\, a + \lambda x`.
+    * `couple=True` (torch.optim.AdamW, optax.adamw): $\Delta = \eta\,(a + \lambda x)$;
+    * `couple=False` (the paper's decoupled form): $\Delta = \eta\, a + \lambda x$.
 
-    Equivalent to ``Optimiser(Adam(1.0, beta, epsilon), WeightDecay(lambda_), Descent(eta))``
-    when coupled.
+    Coupled, it equals
+    `Optimiser(Adam(1.0, beta, epsilon), WeightDecay(lambda_), Descent(eta))`.
 
     Args:
-        eta: learning rate ``η``.
-        beta: moment decays ``(β1, β2)``.
-        lambda_: weight decay ``λ`` (Optimisers.jl's ``lambda``).
-        epsilon: ``ϵ``.
-        couple: scale the weight decay by ``η``.
+        eta: learning rate $\eta \ge 0$.
+        beta: moment decays $(\beta_1, \beta_2)$.
+        lambda_: weight decay $\lambda \ge 0$ (Optimisers.jl's `lambda`).
+        epsilon: $\epsilon$.
+        couple: scale the weight decay by $\eta$.
 
-    State: as :class:`Adam`.
-    Reference: Loshchilov & Hutter (2017), https://arxiv.org/abs/1711.05101
+    State: as [Adam][composeopt.Adam].
+
+    Same as `torch.optim.AdamW(lr=eta, betas=beta, eps=epsilon, weight_decay=lambda_)`
+    and `optax.adamw(eta, b1, b2, eps=epsilon, weight_decay=lambda_)`.
+
+    Warning:
+        The default $\lambda$ differs: 0 here (as in Optimisers.jl), 0.01 in
+        torch, 1e-4 in optax. Pass it explicitly.
+
+    Reference: [Loshchilov & Hutter (2017)](https://arxiv.org/abs/1711.05101)
     """
 
     fallible = False
@@ -272,18 +332,25 @@ class AdamW(Rule):
 
 
 class AdaBelief(Rule):
-    r"""AdaBelief: ``AdaBelief(eta=0.001, beta=(0.9, 0.999), epsilon=1e-16)``.
+    r"""AdaBelief: `AdaBelief(eta=0.001, beta=(0.9, 0.999), epsilon=1e-16)`.
 
-    .. math::
-        m \leftarrow \beta_1 m + (1-\beta_1) dx, \quad
-        s \leftarrow \beta_2 s + (1-\beta_2)(dx - m)^2 + \epsilon, \quad
-        \Delta = \eta \frac{m/(1-\beta_1^t)}{\sqrt{s/(1-\beta_2^t)} + \epsilon}
+    $$m \leftarrow \beta_1 m + (1-\beta_1)\, dx, \qquad
+    s \leftarrow \beta_2 s + (1-\beta_2)(dx - m)^2 + \epsilon, \qquad
+    \Delta = \eta\, \frac{m/(1-\beta_1^t)}{\sqrt{s/(1-\beta_2^t)} + \epsilon}$$
 
     Adam with the variance of the gradient around its mean (the "belief") in
-    place of its second moment.  Equals ``optax.adabelief(eta, b1, b2, eps=epsilon, eps_root=epsilon)``.
+    place of its second moment.
 
-    Args: as :class:`Adam`, with ``epsilon=1e-16``.  State: ``mu``, ``nu`` (s), ``t``.
-    Reference: Zhuang et al. (2020), https://arxiv.org/abs/2010.07468
+    Args:
+        eta: learning rate $\eta \ge 0$.
+        beta: moment decays $(\beta_1, \beta_2)$.
+        epsilon: $\epsilon$, added to $s$ and outside the root; by default 1e-16.
+
+    State: `mu` ($m$), `nu` ($s$) and `t`.
+
+    Same as `optax.adabelief(eta, b1, b2, eps=epsilon, eps_root=epsilon)`.
+
+    Reference: [Zhuang et al. (2020)](https://arxiv.org/abs/2010.07468)
     """
 
     fallible = False

@@ -13,27 +13,33 @@ __all__ = ["RMSProp", "AdaGrad", "AdaDelta"]
 
 
 class RMSProp(Rule):
-    r"""RMSProp: ``RMSProp(eta=0.001, rho=0.9, epsilon=1e-8, centred=False)``.
+    r"""RMSProp: `RMSProp(eta=0.001, rho=0.9, epsilon=1e-8, centred=False)`.
 
-    .. math::
-        s \leftarrow \rho s + (1-\rho)\, dx^2, \qquad
-        \Delta = \frac{\eta\, dx}{\sqrt{s - \bar g^2} + \epsilon}
+    $$s \leftarrow \rho\, s + (1-\rho)\, dx^2, \qquad
+    \Delta = \frac{\eta\, dx}{\sqrt{s - \bar g^2} + \epsilon}$$
 
-    where ``ḡ = 0``, or with ``centred=True`` the running mean
-    ``ḡ ← ρ ḡ + (1-ρ) dx`` (Graves 2013), so that ``s - ḡ²`` estimates the variance.
+    where $\bar g = 0$, or with `centred=True` the running mean
+    $\bar g \leftarrow \rho\, \bar g + (1-\rho)\, dx$ (Graves 2013), so that
+    $s - \bar g^2$ estimates the variance of the gradient.
 
     Args:
-        eta: learning rate ``η``.
-        rho: decay ``ρ`` of the running averages, in [0, 1).
-        epsilon: ``ϵ``, added outside the square root.
+        eta: learning rate $\eta \ge 0$.
+        rho: decay $\rho \in [0, 1)$ of the running averages.
+        epsilon: $\epsilon$, added outside the square root.
         centred: use the centred variant.
 
-    State: ``s`` (and ``g`` when centred).  Note: epsilon is outside the root
-    as in torch.optim.RMSprop(alpha=rho, eps=epsilon); optax.rmsprop needs
-    ``eps_in_sqrt=False`` to match.
-    References: Hinton, Lecture 6e of Neural Networks for Machine Learning (2012),
-    https://www.cs.toronto.edu/~tijmen/csc321/slides/lecture_slides_lec6.pdf;
-    Graves (2013), https://arxiv.org/abs/1308.0850
+    State: `s`, and `g` when centred.
+
+    Same as `torch.optim.RMSprop(lr=eta, alpha=rho, eps=epsilon, centered=centred)`
+    (torch's default `alpha` is 0.99).
+
+    Warning:
+        optax puts $\epsilon$ inside the square root by default:
+        `optax.rmsprop(eta, decay=rho, eps=epsilon, eps_in_sqrt=False, centered=centred)`
+        is this rule.
+
+    References: [Hinton, lecture 6e of Neural Networks for Machine Learning (2012)](https://www.cs.toronto.edu/~tijmen/csc321/slides/lecture_slides_lec6.pdf);
+    centred: [Graves (2013)](https://arxiv.org/abs/1308.0850)
     """
 
     fallible = False
@@ -59,20 +65,25 @@ class RMSProp(Rule):
 
 
 class AdaGrad(Rule):
-    r"""AdaGrad: ``AdaGrad(eta=0.1, epsilon=1e-8)``.
+    r"""AdaGrad: `AdaGrad(eta=0.1, epsilon=1e-8)`.
 
-    .. math:: s \leftarrow s + dx^2, \qquad \Delta = \frac{\eta\, dx}{\sqrt{s} + \epsilon}
+    $$s \leftarrow s + dx^2, \qquad \Delta = \frac{\eta\, dx}{\sqrt{s} + \epsilon}$$
 
-    with ``s`` starting at ``ϵ`` (as in Optimisers.jl).
+    with $s$ starting at $\epsilon$, as in Optimisers.jl.
 
     Args:
-        eta: learning rate ``η``.
-        epsilon: ``ϵ``, the initial accumulator and the term added outside the root.
+        eta: learning rate $\eta \ge 0$.
+        epsilon: $\epsilon$, both the initial accumulator and the term added outside the root.
 
-    State: ``s``.  torch.optim.Adagrad(lr=eta, eps=epsilon,
-    initial_accumulator_value=epsilon) is the same rule; optax.adagrad puts
-    ``eps`` inside the root and matches only for ``epsilon=0``.
-    Reference: Duchi, Hazan & Singer (2011), https://www.jmlr.org/papers/v12/duchi11a.html
+    State: `s`.
+
+    Same as `torch.optim.Adagrad(lr=eta, eps=epsilon, initial_accumulator_value=epsilon)`.
+
+    Warning:
+        optax puts $\epsilon$ inside the root and matches only for `epsilon=0`:
+        `optax.adagrad(eta, initial_accumulator_value=0.0, eps=0.0)`.
+
+    Reference: [Duchi, Hazan & Singer (2011)](https://www.jmlr.org/papers/v12/duchi11a.html)
     """
 
     fallible = False
@@ -89,20 +100,22 @@ class AdaGrad(Rule):
 
 
 class AdaDelta(Rule):
-    r"""AdaDelta: ``AdaDelta(rho=0.9, epsilon=1e-8)``; it has no learning rate.
+    r"""AdaDelta: `AdaDelta(rho=0.9, epsilon=1e-8)`; it has no learning rate.
 
-    .. math::
-        s \leftarrow \rho s + (1-\rho)\, dx^2, \qquad
-        \Delta = dx \frac{\sqrt{u + \epsilon}}{\sqrt{s + \epsilon}}, \qquad
-        u \leftarrow \rho u + (1-\rho)\, \Delta^2
+    $$s \leftarrow \rho\, s + (1-\rho)\, dx^2, \qquad
+    \Delta = dx\, \frac{\sqrt{u + \epsilon}}{\sqrt{s + \epsilon}}, \qquad
+    u \leftarrow \rho\, u + (1-\rho)\, \Delta^2$$
 
     Args:
-        rho: decay ``ρ`` of the running averages, in [0, 1).
-        epsilon: ``ϵ``, inside both square roots.
+        rho: decay $\rho \in [0, 1)$ of the running averages.
+        epsilon: $\epsilon$, inside both square roots.
 
-    State: ``s`` (squared gradients), ``u`` (squared updates).  Equals
-    ``optax.adadelta(1.0, rho, epsilon)`` and ``torch.optim.Adadelta(lr=1.0, rho=rho, eps=epsilon)``.
-    Reference: Zeiler (2012), https://arxiv.org/abs/1212.5701
+    State: `s` (squared gradients) and `u` (squared updates).
+
+    Same as `optax.adadelta(1.0, rho, epsilon)` and
+    `torch.optim.Adadelta(lr=1.0, rho=rho, eps=epsilon)`.
+
+    Reference: [Zeiler (2012)](https://arxiv.org/abs/1212.5701)
     """
 
     fallible = False

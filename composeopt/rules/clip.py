@@ -18,22 +18,29 @@ __all__ = ["ClipValue", "ClipGrad", "ClipNorm", "ClipGlobalNorm"]
 
 
 def _scale_down(xp: Any, dx: Any, norm: Any, omega: float) -> Any:
-    """``dx · min(1, ω / norm)``, written as ``ω / max(norm, ω)`` to never divide by 0;
-    ``norm`` stays a 0-d array, so there is no host round trip."""
+    """`dx · min(1, ω / norm)`, written as `ω / max(norm, ω)` to never divide by 0;
+    `norm` stays a 0-d array, so there is no host round trip."""
     scale = omega / xp.maximum(norm, omega)
     return dx * xp.astype(scale, dx.dtype)
 
 
 class ClipValue(Rule):
-    r"""Clip each gradient component to ``[-thresh, thresh]``: ``ClipValue(thresh=10.0)``.
+    r"""Clip each gradient component to $[-\delta, \delta]$: `ClipValue(thresh=10.0)`.
 
-    .. math:: \Delta = \mathrm{clamp}(dx, -\delta, \delta)
+    $$\Delta = \operatorname{clamp}(dx, -\delta, \delta)$$
 
     Args:
-        thresh: the bound ``δ ≥ 0``.
+        thresh: the bound $\delta \ge 0$.
 
-    Alias ``ClipGrad`` (Optimisers.jl's name).  Equals ``optax.clip(thresh)``
-    and torch's ``clip_grad_value_``.
+    Alias `ClipGrad` (Optimisers.jl's name).  Same as `optax.clip(thresh)` and
+    `torch.nn.utils.clip_grad_value_(params, thresh)`.
+
+    Examples:
+        >>> import numpy as np, composeopt as co
+        >>> x = np.zeros(3)
+        >>> _ = co.update_(co.ClipValue(1.0), x, np.array([-3.0, 0.5, 20.0]))
+        >>> print(x)
+        [ 1.  -0.5 -1. ]
     """
 
     fallible = False
@@ -47,18 +54,28 @@ ClipGrad = ClipValue
 
 
 class ClipNorm(Rule):
-    r"""Rescale each gradient array whose p-norm exceeds ``omega``: ``ClipNorm(omega=10.0, p=2, throw=True)``.
+    r"""Rescale each gradient array whose p-norm exceeds $\omega$:
+    `ClipNorm(omega=10.0, p=2, throw=True)`.
 
-    .. math:: \Delta = dx \cdot \min\left(1, \frac{\omega}{\|dx\|_p}\right)
+    $$\Delta = dx \cdot \min\left(1, \frac{\omega}{\lVert dx \rVert_p}\right)$$
 
     Args:
-        omega: the largest norm allowed, ``> 0``.
-        p: order of the norm, ``p > 0`` (``math.inf`` for the largest magnitude).
-        throw: raise :class:`~composeopt.errors.NonFiniteError` when a norm is
-            infinite or NaN (reading the norm then waits for the device).
+        omega: the largest norm allowed, $\omega > 0$.
+        p: order of the norm, $p > 0$ (`math.inf` for the largest magnitude).
+        throw: raise [NonFiniteError][composeopt.errors.NonFiniteError] when a
+            norm is infinite or NaN (reading the norm then waits for the device).
 
-    Per array, as Optimisers.jl's ClipNorm; see :class:`ClipGlobalNorm` for one
-    norm over all parameters (torch's ``clip_grad_norm_``).
+    Per array, as Optimisers.jl's `ClipNorm`; [ClipGlobalNorm][composeopt.ClipGlobalNorm]
+    takes one norm over all parameters (torch's `clip_grad_norm_`).
+
+    Reference: [Pascanu, Mikolov & Bengio (2013)](https://arxiv.org/abs/1211.5063)
+
+    Examples:
+        >>> import numpy as np, composeopt as co
+        >>> x = np.zeros(2)
+        >>> _ = co.update_(co.ClipNorm(1.0), x, np.array([3.0, 4.0]))  # norm 5
+        >>> print(x)
+        [-0.6 -0.8]
     """
 
     omega = Hyper(10.0, positive)
@@ -78,22 +95,33 @@ class ClipNorm(Rule):
 
 
 class ClipGlobalNorm(Rule):
-    r"""Rescale all gradients together when their joint p-norm exceeds ``omega``:
-    ``ClipGlobalNorm(omega, p=2)``.
+    r"""Rescale all gradients together when their joint p-norm exceeds $\omega$:
+    `ClipGlobalNorm(omega, p=2)`.
 
-    .. math::
-        N = \Big(\sum_{\text{arrays}} \sum_i |dx_i|^p\Big)^{1/p}, \qquad
-        \Delta = dx \cdot \min\left(1, \frac{\omega}{N}\right)
+    $$N = \Big(\sum_{\text{arrays}} \sum_i |dx_i|^p\Big)^{1/p}, \qquad
+    \Delta = dx \cdot \min\left(1, \frac{\omega}{N}\right)$$
 
-    A tree-level rule: ``N`` is the norm of the gradients as they reach this
-    rule in the chain, over every parameter updated this step.  ``N`` stays a
-    0-d device array (no host synchronisation).  Equals
-    ``optax.clip_by_global_norm(omega)`` for ``p=2``; ``torch.nn.utils.clip_grad_norm_``
-    divides by ``N + 1e-6`` and so clips slightly more.
+    A tree-level rule: $N$ is the norm of the gradients as they reach this rule
+    in the chain, over every parameter updated this step.  $N$ stays a 0-d array
+    on the device, so the rule never waits for the GPU.
 
     Args:
-        omega: the largest joint norm allowed, ``> 0``.
-        p: order of the norm, ``p > 0`` (``math.inf`` for the largest magnitude).
+        omega: the largest joint norm allowed, $\omega > 0$.
+        p: order of the norm, $p > 0$ (`math.inf` for the largest magnitude).
+
+    Same as `optax.clip_by_global_norm(omega)` for `p=2`;
+    `torch.nn.utils.clip_grad_norm_` divides by $N + 10^{-6}$ and so clips a
+    little more.
+
+    Reference: [Pascanu, Mikolov & Bengio (2013)](https://arxiv.org/abs/1211.5063)
+
+    Examples:
+        >>> import numpy as np, composeopt as co
+        >>> params = {"a": np.zeros(2), "b": np.zeros(2)}
+        >>> grads = {"a": np.array([3.0, 0.0]), "b": np.array([0.0, 4.0])}  # joint norm 5
+        >>> _ = co.update_(co.ClipGlobalNorm(1.0), params, grads)
+        >>> print(params["a"], params["b"])
+        [-0.6  0. ] [ 0.  -0.8]
     """
 
     fallible = False

@@ -11,17 +11,27 @@ __all__ = ["WeightDecay", "ExpDecay", "InvDecay"]
 
 
 class WeightDecay(Rule):
-    r"""L2 regularisation: ``WeightDecay(lambda_=5e-4)``.
+    r"""L2 regularisation: `WeightDecay(lambda_=5e-4)`.
 
-    .. math:: \Delta = dx + \lambda x
+    $$\Delta = dx + \lambda x$$
 
-    the gradient of ``λ/2 ‖x‖²`` added to the loss's.  Put it before the rule
-    that takes the step: ``Optimiser(WeightDecay(1e-4), Momentum())``.
+    the gradient of $\frac{\lambda}{2} \lVert x \rVert^2$ added to the loss's.
+    Put it before the rule that takes the step:
+    `Optimiser(WeightDecay(1e-4), Momentum())`.
 
     Args:
-        lambda_: penalty ``λ ≥ 0`` (Optimisers.jl's ``lambda``).
+        lambda_: penalty $\lambda \ge 0$ (Optimisers.jl's `lambda`).
 
-    Equals ``optax.add_decayed_weights(lambda_)``.
+    Same as `optax.add_decayed_weights(lambda_)`, and as the `weight_decay`
+    argument of `torch.optim.SGD`, `Adam` or `RMSprop` when placed before that rule.
+
+    Examples:
+        >>> import numpy as np, composeopt as co
+        >>> x = np.array([2.0])
+        >>> opt = co.Optimiser(co.WeightDecay(0.5), co.Descent(0.1))
+        >>> _ = co.update_(opt, x, np.array([0.0]))
+        >>> print(x)  # 2 - 0.1 * (0 + 0.5 * 2)
+        [1.9]
     """
 
     fallible = False
@@ -33,22 +43,41 @@ class WeightDecay(Rule):
 
 class ExpDecay(Rule):
     r"""Step-wise exponential decay of a learning rate:
-    ``ExpDecay(eta=0.001, decay=0.1, decay_step=1000, clip=1e-4, start=0)``.
+    `ExpDecay(eta=0.001, decay=0.1, decay_step=1000, clip=1e-4, start=0)`.
 
-    At optimiser step ``n`` (one per ``update_`` call, counted from 1), when
-    ``n > start`` and ``n % decay_step == 0``, ``eta ← max(eta · decay, clip)``;
-    then :math:`\Delta = \eta\, dx`.  The attribute ``eta`` itself changes, as in
-    Flux, so it can be read (and reset) between steps.  Chain it before a rule
-    with learning rate 1 or combine both: ``Optimiser(ExpDecay(0.1), Descent(1.0))``.
+    At optimiser step $n$ (one per `update_` call, counted from 1), when
+    $n > \text{start}$ and $n$ is a multiple of `decay_step`,
+    $\eta \leftarrow \max(\eta \cdot \text{decay}, \text{clip})$; then
+
+    $$\Delta = \eta\, dx$$
+
+    The attribute `eta` itself changes, as in Flux, so it can be read (and reset)
+    between steps.  Chain it before a rule with learning rate 1, or combine both:
+    `Optimiser(ExpDecay(0.1), Descent(1.0))`.
 
     Args:
         eta: initial learning rate.
-        decay: factor in (0, 1] applied every ``decay_step`` steps.
+        decay: factor in (0, 1] applied every `decay_step` steps.
         decay_step: steps between decays.
-        clip: lower bound of ``eta``.
+        clip: lower bound of `eta`.
         start: number of steps before decay starts.
 
-    Reference: Flux.Optimise.ExpDecay (Flux.jl before v0.14).
+    With `start=0` its rate is that of
+    `optax.exponential_decay(eta, decay_step, decay, staircase=True, end_value=clip)`,
+    one step earlier (optax counts from 0).
+
+    Reference: `Flux.Optimise.ExpDecay` (Flux.jl before v0.14).
+
+    Examples:
+        >>> import numpy as np, composeopt as co
+        >>> opt, x = co.ExpDecay(eta=0.1, decay=0.5, decay_step=2, clip=0.01), np.zeros(1)
+        >>> for _ in range(4):
+        ...     _ = co.update_(opt, x, np.ones(1))
+        ...     print(opt.eta)
+        0.1
+        0.05
+        0.05
+        0.025
     """
 
     fallible = False
@@ -67,16 +96,24 @@ class ExpDecay(Rule):
 
 
 class InvDecay(Rule):
-    r"""Inverse-time decay: ``InvDecay(gamma=0.001)``.
+    r"""Inverse-time decay: `InvDecay(gamma=0.001)`.
 
-    .. math:: \Delta = \frac{dx}{1 + \gamma n}
+    $$\Delta = \frac{dx}{1 + \gamma n}$$
 
-    with ``n`` the optimiser step (one per ``update_`` call, ``n = 1`` on the first).
+    with $n$ the optimiser step (one per `update_` call, $n = 1$ on the first).
 
     Args:
-        gamma: decay rate ``γ ≥ 0``.
+        gamma: decay rate $\gamma \ge 0$.
 
-    Reference: Flux.Optimise.InvDecay (Flux.jl before v0.14).
+    Reference: `Flux.Optimise.InvDecay` (Flux.jl before v0.14).
+
+    Examples:
+        >>> import numpy as np, composeopt as co
+        >>> opt, x = co.InvDecay(gamma=1.0), np.zeros(1)
+        >>> for _ in range(2):
+        ...     _ = co.update_(opt, x, np.array([6.0]))
+        >>> print(x)  # 6 / 2 + 6 / 3
+        [-5.]
     """
 
     fallible = False

@@ -12,14 +12,21 @@ __all__ = ["Descent", "Momentum", "Nesterov"]
 
 
 class Descent(Rule):
-    r"""Gradient descent: ``Descent(eta=0.1)``.
+    r"""Gradient descent: `Descent(eta=0.1)`.
 
-    .. math:: \Delta = \eta \, dx
+    $$\Delta = \eta \, dx$$
 
     Args:
-        eta: learning rate ``η``.
+        eta: learning rate $\eta \ge 0$.
 
-    Equals ``torch.optim.SGD(lr=eta)`` and ``optax.sgd(eta)``.
+    Same as `torch.optim.SGD(lr=eta)` and `optax.sgd(eta)`.
+
+    Examples:
+        >>> import numpy as np, composeopt as co
+        >>> x = np.array([1.0, 2.0])
+        >>> _ = co.update_(co.Descent(0.1), x, np.array([1.0, -1.0]))
+        >>> print(x)
+        [0.9 2.1]
     """
 
     fallible = False
@@ -30,17 +37,29 @@ class Descent(Rule):
 
 
 class Momentum(Rule):
-    r"""Gradient descent with momentum: ``Momentum(eta=0.01, rho=0.9)``.
+    r"""Gradient descent with momentum: `Momentum(eta=0.01, rho=0.9)`.
 
-    .. math:: v \leftarrow \rho v + \eta\, dx, \qquad \Delta = v
+    $$v \leftarrow \rho\, v + \eta\, dx, \qquad \Delta = v$$
 
     Args:
-        eta: learning rate ``η``.
-        rho: momentum ``ρ`` in [0, 1).
+        eta: learning rate $\eta \ge 0$.
+        rho: momentum $\rho \in [0, 1)$.
 
-    State: ``v`` (velocity, starts at 0).  Equals ``optax.sgd(eta, momentum=rho)``
-    and, for a constant ``eta``, ``torch.optim.SGD(lr=eta, momentum=rho)``.
-    Reference: Polyak (1964), https://doi.org/10.1016/0041-5553(64)90137-5
+    State: `v`, the velocity, starting at 0.
+
+    Same as `optax.sgd(eta, momentum=rho)`, and as
+    `torch.optim.SGD(lr=eta, momentum=rho)` while `eta` is constant (torch keeps
+    the velocity of the gradients and multiplies by the current rate afterwards).
+
+    Reference: [Polyak (1964)](https://doi.org/10.1016/0041-5553(64)90137-5)
+
+    Examples:
+        >>> import numpy as np, composeopt as co
+        >>> opt, x = co.Momentum(eta=0.1, rho=0.5), np.array([1.0])
+        >>> for _ in range(2):
+        ...     _ = co.update_(opt, x, np.array([1.0]))
+        >>> print(x)  # steps of 0.1, then 0.5 * 0.1 + 0.1
+        [0.75]
     """
 
     fallible = False
@@ -57,20 +76,23 @@ class Momentum(Rule):
 
 
 class Nesterov(Rule):
-    r"""Gradient descent with Nesterov momentum: ``Nesterov(eta=0.001, rho=0.9)``.
+    r"""Gradient descent with Nesterov momentum: `Nesterov(eta=0.001, rho=0.9)`.
 
-    .. math::
-        \Delta = -\rho^2 v + (1 + \rho)\,\eta\, dx, \qquad v \leftarrow \rho v - \eta\, dx
+    $$\Delta = (1 + \rho)\, \eta\, dx - \rho^2 v, \qquad v \leftarrow \rho\, v - \eta\, dx$$
 
-    (``Δ`` uses the old ``v``.)  This is the form of Optimisers.jl; it equals
-    ``optax.sgd(eta, momentum=rho, nesterov=True)`` and
-    ``torch.optim.SGD(lr=eta, momentum=rho, nesterov=True)``.
+    ($\Delta$ uses the old $v$.)  This is the form of Optimisers.jl, which takes
+    the look-ahead step without a second gradient evaluation.
 
     Args:
-        eta: learning rate ``η``.
-        rho: momentum ``ρ`` in [0, 1).
+        eta: learning rate $\eta \ge 0$.
+        rho: momentum $\rho \in [0, 1)$.
 
-    Reference: Sutskever et al. (2013), http://proceedings.mlr.press/v28/sutskever13.html
+    State: `v`, starting at 0.
+
+    Same as `optax.sgd(eta, momentum=rho, nesterov=True)` and
+    `torch.optim.SGD(lr=eta, momentum=rho, nesterov=True)`.
+
+    Reference: [Sutskever et al. (2013)](http://proceedings.mlr.press/v28/sutskever13.html)
     """
 
     fallible = False
