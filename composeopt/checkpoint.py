@@ -245,7 +245,10 @@ def _join_arrays(plain: Any, arrays: Any) -> Any:
 
 
 def save(file: str | os.PathLike[str], opt: Rule, params: Any) -> None:
-    """Write [state_dict][composeopt.state_dict] to `file` as `.npz`, atomically (a temporary file, then a rename)."""
+    """Write [state_dict][composeopt.state_dict] to `file` as `.npz`, atomically.
+
+    The archive is written to a temporary file beside `file`, then renamed over it.
+    """
     arrays: dict[str, np.ndarray] = {}
     meta = json.dumps(_split_arrays(state_dict(opt, params), arrays))
     target = os.fspath(file)

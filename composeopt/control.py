@@ -20,8 +20,8 @@ def adjust_(opt: R, eta: Any = _MISSING, /, **hyper: Any) -> R:
     """Set hyperparameters on every rule of `opt` that has them, keeping all state.
 
     `adjust_(opt, 1e-4)` sets every `eta`;
-    `adjust_(opt, beta=(0.9, 0.99), lambda_=1e-3)` sets those on each rule that has them, a schedule as well as
-    a number.  A name that no rule of `opt` has is an error, and so is an
+    `adjust_(opt, beta=(0.9, 0.99), lambda_=1e-3)` sets those on each rule that
+    has them, a schedule as well as a number.  A name that no rule of `opt` has is an error, and so is an
     invalid value; either way no rule is changed.  Optimisers.jl's `adjust!`.
     Returns `opt`.
     """
