@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -435,7 +436,7 @@ def problems(seed: int = SEED) -> list[Problem]:
             rules=_lineup(1e-3, 5e-4, 1e-3, 3e-3, 1.0, 0.05, 0.05),
             minimum=(1.0, 1.0),
             surface=rosenbrock,
-            window=(-2.0, 2.0, -1.0, 3.0),
+            window=(-2.0, 2.0, -0.5, 3.5),
         ),
         Problem(
             name="beale",
@@ -447,7 +448,7 @@ def problems(seed: int = SEED) -> list[Problem]:
             rules=_lineup(1e-2, 1e-3, 3e-3, 3e-3, 0.5, 0.05, 0.05),
             minimum=(3.0, 0.5),
             surface=beale,
-            window=(-0.5, 4.0, -1.0, 2.0),
+            window=(-0.5, 4.0, -1.5, 2.0),
         ),
         Problem(
             name="quartic",
@@ -804,7 +805,7 @@ def run_demo(
     except ImportError:
         print(PLOTS_HINT, file=out)
         return []
-    print(f"Plots saved in {plots}:", file=out)
+    print(f"Plots saved in {plots}{os.sep}:", file=out)
     for file in files:
         print(f"   {file.name}", file=out)
     return files
