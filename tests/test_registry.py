@@ -70,25 +70,11 @@ def test_repr_round_trips(case):
     assert eval(repr(rule), namespace) == rule
 
 
-# Known defect, not fixed here: under NumPy 1.x a 0-d float32 array times a Python float is a
-# float64 scalar (both count as scalars in its value-based casting), so AdaMax's `nu` and
-# OAdam's `previous` of a 0-d float16/float32 parameter drift to float64 NumPy scalars.  The
-# parameter keeps its dtype (the engine casts the update); NumPy 2 (NEP 50) does not drift.
-STATE_DTYPE_DRIFT_ON_NUMPY_1 = {"AdaMax()", "OAdam()"}
-
-
 @pytest.mark.parametrize("case", CASE_IDS)
 @pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
-def test_step_keeps_arrays_shape_dtype_module_and_grads(backend, case, dtype, request):
+def test_step_keeps_arrays_shape_dtype_module_and_grads(backend, case, dtype):
     if dtype not in backend.dtypes:
         pytest.skip(f"{backend.name} has no {dtype}")
-    if (
-        np.lib.NumpyVersion(np.__version__) < "2.0.0"
-        and backend.name == "numpy"
-        and dtype != "float64"
-        and case in STATE_DTYPE_DRIFT_ON_NUMPY_1
-    ):
-        request.applymarker(pytest.mark.xfail(strict=True, reason="0-d state drifts to float64 on NumPy 1.x"))
     opt = CASES[case]()
     params = make_params(backend, dtype)
     originals = dict(params)
