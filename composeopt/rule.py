@@ -7,6 +7,7 @@ and is kept by the optimiser's state store, outside the rule.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterator, Sequence
 from types import SimpleNamespace
@@ -78,6 +79,20 @@ class Rule:
                 if isinstance(value, Hyper) and name not in names:
                     names.append(name)
         cls._hyper_names = tuple(names)
+        if cls.__init__ is Rule.__init__:
+            # help(), IDEs and inspect.signature show `Adam(eta=0.001, beta=(0.9, 0.999), ...)`.
+            cls.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+                [
+                    inspect.Parameter(
+                        name,
+                        inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                        default=inspect.Parameter.empty
+                        if getattr(cls, name).default is REQUIRED
+                        else getattr(cls, name).default,
+                    )
+                    for name in names
+                ]
+            )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         cls = type(self)

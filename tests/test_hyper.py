@@ -131,3 +131,11 @@ def test_equality_is_by_type_and_value_and_rules_are_unhashable():
     assert co.ADAM is co.Adam and co.ClipGrad is co.ClipValue and co.OptimiserChain is co.Optimiser
     with pytest.raises(TypeError):
         hash(co.Adam())
+
+
+def test_rules_show_their_constructor_signature():
+    import inspect
+
+    assert str(inspect.signature(co.Adam)) == "(eta=0.001, beta=(0.9, 0.999), epsilon=1e-08)"
+    assert str(inspect.signature(co.ClipGlobalNorm)) == "(omega, p=2)"
+    assert "rules" in str(inspect.signature(co.Optimiser))
