@@ -16,6 +16,7 @@ from . import errors, registry
 from ._dispatch import namespace
 from .chain import Optimiser, OptimiserChain
 from .engine import reset_, state_store, update, update_
+from .flat import Flat, flatten
 from .hyper import Hyper
 from .rule import Rule, State
 from .rules.adam import AdaBelief, Adam, AdaMax, AdamW, AMSGrad, NAdam, OAdam, RAdam
@@ -42,6 +43,8 @@ __all__ = [
     "update",
     "reset_",
     "state_store",
+    "flatten",
+    "Flat",
     # building blocks for new rules
     "Rule",
     "State",

@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import array_api_compat
 import numpy as np
 
+from . import _fused
 from ._dispatch import backend_name, is_array, namespace
 from .errors import ComposeoptError, ShapeMismatchError, UnsupportedArrayError
 from .rule import Rule, walk_rules
@@ -78,9 +79,12 @@ def update_(opt: Rule, params: T, grads: Any) -> T:
     """
     if not isinstance(opt, Rule):
         raise TypeError(f"update_: expected a composeopt Rule, got a {type(opt).__name__}")
-    leaves = _collect(params, grads)
+    fused = _fused.plan(opt)  # issue 5: fused in-place step, see composeopt/_fused
+    leaves = _collect(params, grads, copy=fused is None)
     for leaf in leaves:
         _check_writable(leaf)
+    if fused is not None and _fused.step_(fused, opt, state_store(opt), leaves):
+        return params  # one pass wrote x and the states; otherwise leaves now hold gradient copies
     updates = _step(opt, leaves)
     for leaf, change in zip(leaves, updates):
         x = leaf.x
@@ -107,8 +111,11 @@ def update(opt: Rule, params: T, grads: Any) -> T:
     return new_params
 
 
-def _collect(params: Any, grads: Any) -> list[_Leaf]:
-    """Phase 1: pair and check every (parameter, gradient); one entry per distinct array."""
+def _collect(params: Any, grads: Any, copy: bool = True) -> list[_Leaf]:
+    """Phase 1: pair and check every (parameter, gradient); one entry per distinct array.
+
+    ``copy=False`` (the fused step, which never writes a gradient) skips copying gradients
+    that already have the parameter's dtype."""
     by_id: dict[int, _Leaf] = {}
     reference: tuple[str, Any] | None = None
     for path, x, g in zip_leaves(params, grads):
@@ -124,7 +131,7 @@ def _collect(params: Any, grads: Any) -> list[_Leaf]:
         xp = namespace(x)
         leaf = by_id.get(id(x))
         if leaf is None:
-            by_id[id(x)] = _Leaf(path, x, xp.astype(g, x.dtype, copy=True))
+            by_id[id(x)] = _Leaf(path, x, xp.astype(g, x.dtype, copy=copy))
         else:  # the same array twice in the tree: one update from the summed gradients
             leaf.dx = leaf.dx + xp.astype(g, x.dtype)
     return list(by_id.values())
