@@ -59,12 +59,18 @@ def flatten(params: Any) -> Flat:
         raise UnsupportedArrayError("flatten: params holds no array")
     first = next(iter(arrays.values()))
     if not (array_api_compat.is_numpy_array(first) or array_api_compat.is_cupy_array(first)):
-        raise UnsupportedArrayError(f"flatten: needs NumPy or CuPy arrays (views of one buffer), got {type(first)}")
+        raise UnsupportedArrayError(
+            f"flatten: needs NumPy or CuPy arrays (views of one buffer), got {type(first)}"
+        )
     xp = namespace(first)
     layout = []
     offset = 0
     for x in arrays.values():
-        if namespace(x) is not xp or x.dtype != first.dtype or array_api_compat.device(x) != array_api_compat.device(first):
+        if (
+            namespace(x) is not xp
+            or x.dtype != first.dtype
+            or array_api_compat.device(x) != array_api_compat.device(first)
+        ):
             raise UnsupportedArrayError(
                 f"flatten: every array must have the module, dtype and device of the first "
                 f"({first.dtype}); got {x.dtype}"

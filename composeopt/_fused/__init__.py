@@ -125,7 +125,9 @@ def step_(fused: Plan, opt: Rule, store: StateStore, leaves: Sequence[Any]) -> b
     gradients were not copied) and return ``True``, or return ``False`` having changed
     nothing but copying each leaf's gradient, as the generic path expects."""
     backend = _backend(leaves[0].x) if leaves else None
-    jobs = None if backend is None else _jobs(backend, opt, fused, store, leaves)
+    if backend is None:
+        return _decline(leaves)
+    jobs = _jobs(backend, opt, fused, store, leaves)
     if jobs is None:
         return _decline(leaves)
     saved_hyperparameters = [(rule, dict(vars(rule))) for rule in walk_rules(opt)]
@@ -162,7 +164,9 @@ def _entries(fused: Plan) -> list[Entry]:
     return [entry for stage in fused.stages for entry in stage.entries]
 
 
-def _jobs(backend: Backend, opt: Rule, fused: Plan, store: StateStore, leaves: Sequence[Any]) -> list[_Job] | None:
+def _jobs(
+    backend: Backend, opt: Rule, fused: Plan, store: StateStore, leaves: Sequence[Any]
+) -> list[_Job] | None:
     """Check every array and state, making missing states; ``None`` if any is not fit."""
     entries = [(entry.path, entry.kernel.state, entry.kernel.counter) for entry in _entries(fused)]
     state_array = backend.state_array
@@ -226,7 +230,9 @@ def _run(backend: Backend, fused: Plan, store: StateStore, jobs: list[_Job]) -> 
                         job.scratch = _scratch_for(backend, store, job.leaf.x)
                     out = job.scratch
                 vector = scalars.vector(job, first, count, job.scale if scaled else None)
-                work.append((job.source, job.x, out, vector, *job.arrays[arrays_first : arrays_first + arrays_count]))
+                work.append(
+                    (job.source, job.x, out, vector, *job.arrays[arrays_first : arrays_first + arrays_count])
+                )
             backend.run_stage(tuple(entry.kernel for entry in stage.entries), scaled, last, work)
             for job in jobs:
                 job.scale = None
@@ -288,4 +294,3 @@ def _scratch_for(backend: Backend, store: StateStore, x: Any) -> Any:
         buffer = backend.scratch(x)
         buffers.set(x, buffer)
     return buffer
-

@@ -27,7 +27,9 @@ def _directory() -> Path | None:
         candidates.append(Path(os.environ["COMPOSEOPT_CACHE_DIR"]))
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     candidates.append(Path(base) / "composeopt" / "kernels")
-    candidates.append(Path(tempfile.gettempdir()) / f"composeopt-kernels-{os.getuid() if hasattr(os, 'getuid') else 0}")
+    candidates.append(
+        Path(tempfile.gettempdir()) / f"composeopt-kernels-{os.getuid() if hasattr(os, 'getuid') else 0}"
+    )
     for directory in candidates:
         try:
             directory.mkdir(parents=True, exist_ok=True)

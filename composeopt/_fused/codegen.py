@@ -64,4 +64,5 @@ class _Renamer(ast.NodeTransformer):
 
 def renamed(node: ast.AST, names: RuleNames) -> ast.AST:
     """A copy of ``node`` with the rule's names replaced by their generated names."""
-    return _Renamer(names).visit(copy.deepcopy(node))
+    result: ast.AST = _Renamer(names).visit(copy.deepcopy(node))
+    return result

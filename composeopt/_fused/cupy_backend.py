@@ -18,7 +18,7 @@ from __future__ import annotations
 import ast
 import math
 from collections.abc import Sequence
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import cupy
@@ -71,9 +71,9 @@ def _statements(names: RuleNames) -> list[str]:
     return lines
 
 
-@lru_cache(maxsize=None)
+@cache
 def stage_kernel(kernels: tuple[Kernel, ...], scaled: bool, to_x: bool) -> Any:
-    """The stage's ``ElementwiseKernel``: inputs ``g, [scale], scalars...``; outputs ``x, [out], state...``."""
+    """The stage's ``ElementwiseKernel``: in ``g, [scale], scalars...``; out ``x, [out], state...``."""
     all_names = list(rule_names(kernels))
     scalars = [names.local(s) for names in all_names for s in names.kernel.scalar_names]
     arrays = [names.array(s) for names in all_names for s in names.kernel.state]
@@ -102,7 +102,9 @@ class CupyBackend:
         return a.reshape(-1)
 
     def gradient(self, x: Any, dx: Any) -> Any:
-        if not (dx.flags.c_contiguous and dx.dtype == x.dtype) or (dx is not x and cupy.may_share_memory(dx, x)):
+        if not (dx.flags.c_contiguous and dx.dtype == x.dtype) or (
+            dx is not x and cupy.may_share_memory(dx, x)
+        ):
             dx = cupy.array(dx, dtype=x.dtype, order="C")
         return dx.reshape(-1)
 

@@ -129,7 +129,9 @@ def _parse(math: str, state: tuple[str, ...]) -> tuple[tuple[ast.stmt, ...], tup
             read(node.body)
             read(node.orelse)
         elif isinstance(node, ast.Constant):
-            raise KernelError(f"literal {node.value!r}: pass constants as scalars so they take the array's dtype")
+            raise KernelError(
+                f"literal {node.value!r}: pass constants as scalars so they take the array's dtype"
+            )
         else:
             raise KernelError(f"unsupported expression {ast.unparse(node)!r}")
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import ast
 from collections.abc import Callable, Sequence
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -92,7 +92,7 @@ def _assigned(kernel: Kernel) -> list[str]:
     return [state for state in kernel.state if state in targets]
 
 
-@lru_cache(maxsize=None)
+@cache
 def stage_function(kernels: tuple[Kernel, ...], scaled: bool, to_x: bool) -> Callable[..., None]:
     module = load_module(stage_source(kernels, scaled, to_x), "composeopt_stage")
     function: Callable[..., None] = module.stage

@@ -15,7 +15,7 @@ import math
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -100,7 +100,9 @@ class _Writer:
             function = _CALLS[node.func.id]
         if all(operand in self.scalars for operand in operands):
             raise ValueError(f"scalar-only arithmetic belongs in the host function: {ast.unparse(node)}")
-        out = target or next((operand for operand in operands if self.spare(operand)), None) or self.temporary()
+        out = (
+            target or next((operand for operand in operands if self.spare(operand)), None) or self.temporary()
+        )
         self.emit(f"{function}({', '.join(operands)}, out={out})")
         for operand in operands:
             if operand != out:
@@ -123,11 +125,11 @@ class _Writer:
         for statement in kernel.body[:-1]:
             assert isinstance(statement, ast.Assign) and isinstance(statement.targets[0], ast.Name)
             name = names.local(statement.targets[0].id)
-            home = homes.get(name)
+            destination = homes.get(name)
             # Write straight into the state array unless another name still holds its old value;
             # the old value stays bound (and its temporary unused) until the new one is made.
             others = [operand for bound_name, operand in self.bound.items() if bound_name != name]
-            target = home if home is not None and home not in others else None
+            target = destination if destination is not None and destination not in others else None
             previous = self.bound.get(name)
             operand = self.expression(statement.value, names, target)
             self.bound[name] = operand
@@ -177,7 +179,7 @@ def stage_source(kernels: tuple[Kernel, ...], scaled: bool, to_x: bool) -> tuple
     return "\n".join(header + writer.lines) + "\n", writer.count
 
 
-@lru_cache(maxsize=None)
+@cache
 def stage_program(kernels: tuple[Kernel, ...], scaled: bool, to_x: bool) -> Program:
     source, temporaries = stage_source(kernels, scaled, to_x)
     namespace: dict[str, Any] = {"np": np}
@@ -198,7 +200,7 @@ def _temporaries(count: int, dtype: Any) -> list[Any]:
 
 
 def _block(dtype: Any) -> int:
-    return max(1, BLOCK_BYTES // np.dtype(dtype).itemsize)
+    return max(1, BLOCK_BYTES // int(np.dtype(dtype).itemsize))
 
 
 def run_stage(program: Program, jobs: Sequence[tuple[Any, ...]]) -> None:

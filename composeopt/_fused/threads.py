@@ -61,7 +61,10 @@ def run_chunks(work: Callable[[int, int, int], Any], sizes: Sequence[int]) -> li
             results[job].append(work(job, 0, size))
         return results
     order = sorted(range(len(sizes)), key=lambda job: sizes[job] >= BIG_JOB)  # small jobs first
-    shares = [[(order[job], lo, hi) for job, lo, hi in share] for share in _split([sizes[j] for j in order], threads)]
+    shares = [
+        [(order[job], lo, hi) for job, lo, hi in share]
+        for share in _split([sizes[j] for j in order], threads)
+    ]
 
     def run(share: list[Chunk]) -> list[Any]:
         return [work(job, lo, hi) for job, lo, hi in share]

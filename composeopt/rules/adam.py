@@ -70,15 +70,20 @@ def _adamax_scalars(rule: AdaMax, state: State, dtype: Any) -> dict[str, float]:
 def _nadam_scalars(rule: NAdam, state: State, dtype: Any) -> dict[str, float]:
     (b1, b2), t = rule.beta, state.t
     scalars = _moment_scalars(rule, state, dtype)
-    scalars.update(
-        ahead=b1 / (1 - b1 ** (t + 1)), now=(1 - b1) / (1 - b1**t), root=b2 / (1 - b2**t)
-    )
+    scalars.update(ahead=b1 / (1 - b1 ** (t + 1)), now=(1 - b1) / (1 - b1**t), root=b2 / (1 - b2**t))
     return scalars
 
 
 def _amsgrad_scalars(rule: AMSGrad, state: State, dtype: Any) -> dict[str, float]:
     (b1, b2) = rule.beta
-    return {"eta": rule.eta, "b1": b1, "keep1": 1 - b1, "b2": b2, "keep2": 1 - b2, "eps": eps_for(dtype, rule.epsilon)}
+    return {
+        "eta": rule.eta,
+        "b1": b1,
+        "keep1": 1 - b1,
+        "b2": b2,
+        "keep2": 1 - b2,
+        "eps": eps_for(dtype, rule.epsilon),
+    }
 
 
 def _oadam_scalars(rule: OAdam, state: State, dtype: Any) -> dict[str, float]:
@@ -125,7 +130,9 @@ class Adam(Rule):
     eta = Hyper(0.001, nonnegative)
     beta = Hyper((0.9, 0.999), beta_pair)
     epsilon = Hyper(1e-8, nonnegative)
-    fused = Kernel(_MOMENTS + f"return eta * ({_DIRECTION})", _moment_scalars, state=("mu", "nu"), counter="t")
+    fused = Kernel(
+        _MOMENTS + f"return eta * ({_DIRECTION})", _moment_scalars, state=("mu", "nu"), counter="t"
+    )
 
     def init(self, x: Any) -> State:
         return _moments(x)
@@ -326,7 +333,8 @@ class OAdam(Rule):
     epsilon = Hyper(1e-8, nonnegative)
 
     fused = Kernel(
-        _MOMENTS + f"step = eta * ({_DIRECTION})\nchange = two * step - previous\nprevious = step\nreturn change",
+        _MOMENTS
+        + f"step = eta * ({_DIRECTION})\nchange = two * step - previous\nprevious = step\nreturn change",
         _oadam_scalars,
         state=("mu", "nu", "previous"),
         counter="t",

@@ -40,7 +40,8 @@ class ClipValue(Rule):
     fallible = False
     thresh = Hyper(10.0, nonnegative)
     fused = Kernel(
-        "return minimum(maximum(dx, low), high)", lambda rule, state, dtype: {"low": -rule.thresh, "high": rule.thresh}
+        "return minimum(maximum(dx, low), high)",
+        lambda rule, state, dtype: {"low": -rule.thresh, "high": rule.thresh},
     )
 
     def apply_(self, state: Any, x: Any, dx: Any) -> Any:

@@ -85,7 +85,9 @@ class InvDecay(Rule):
     fallible = False
     gamma = Hyper(0.001, nonnegative)
     step = 1  # the optimiser step, set by the engine through begin_step
-    fused = Kernel("return dx / slowdown", lambda rule, state, dtype: {"slowdown": 1 + rule.gamma * rule.step})
+    fused = Kernel(
+        "return dx / slowdown", lambda rule, state, dtype: {"slowdown": 1 + rule.gamma * rule.step}
+    )
 
     def begin_step(self, step: int) -> None:
         self.step = step
