@@ -104,12 +104,13 @@ def backend_name(x: Any) -> str | None:
 class _Job:
     """One parameter in a fused step."""
 
-    __slots__ = ("leaf", "x", "state", "rule_states", "arrays", "source", "scale", "scratch")
+    __slots__ = ("leaf", "x", "state", "new", "rule_states", "arrays", "source", "scale", "scratch")
 
     def __init__(self, leaf: Any, x: Any, state: Any, rule_states: list[Any], arrays: list[Any]) -> None:
         self.leaf = leaf
         self.x = x  # 1-d view
         self.state = state  # the whole state, as the store keeps it
+        self.new = False  # made by init this step, so not in the store yet
         self.rule_states = rule_states  # per entry of the plan: that rule's state
         self.arrays = arrays  # per entry: its state arrays, 1-d views
         self.source: Any = None  # the update as it flows: the gradient, then the scratch buffer
@@ -144,7 +145,8 @@ def step_(fused: Plan, opt: Rule, store: StateStore, leaves: Sequence[Any]) -> b
         raise
     store.step = step
     for job in jobs:
-        store.set(job.leaf.x, job.state)
+        if job.new:  # the others were updated in place
+            store.set(job.leaf.x, job.state)
     return True
 
 
@@ -176,7 +178,8 @@ def _jobs(
         if not backend.accepts(x):
             return None
         state = store.get(x, _MISSING)
-        if state is _MISSING:
+        new = state is _MISSING
+        if new:
             try:
                 state = opt.init(x)
             except ComposeoptError as err:
@@ -199,6 +202,7 @@ def _jobs(
                 return None
             rule_states.append(rule_state)
         job = _Job(leaf, backend.flat(x), state, rule_states, arrays)
+        job.new = new
         job.source = backend.gradient(x, leaf.dx)
         jobs.append(job)
     return jobs

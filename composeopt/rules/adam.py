@@ -224,7 +224,8 @@ class AdaMax(Rule):
         b1, b2 = self.beta
         state.t += 1
         state.mu = ema(state.mu, dx, b1)
-        state.nu = xp.maximum(b2 * state.nu, xp.abs(dx))
+        # asarray: NumPy 1.x turns 0-d results into scalars of another dtype; the state keeps x's.
+        state.nu = xp.asarray(xp.maximum(b2 * state.nu, xp.abs(dx)), dtype=x.dtype)
         eps = eps_for(x.dtype, self.epsilon)
         return self.eta / (1 - b1**state.t) * state.mu / (state.nu + eps)
 
@@ -350,7 +351,7 @@ class OAdam(Rule):
         eps = eps_for(x.dtype, self.epsilon)
         step = self.eta * bias_corrected_direction(namespace(x), state.mu, state.nu, state.t, self.beta, eps)
         change = 2 * step - state.previous
-        state.previous = step
+        state.previous = namespace(x).asarray(step, dtype=x.dtype)  # as in AdaMax, for NumPy 1.x
         return change
 
 
