@@ -54,10 +54,27 @@ def backend_name(obj: Any) -> str:
 
 def eps_for(dtype: Any, epsilon: float) -> float:
     """``epsilon`` for arrays of ``dtype``, floored for float16 so that it does not underflow."""
-    name = str(dtype).rpartition(".")[2]  # "float16", "torch.float16", "array_api_strict.float16"
-    if name == "float16" and epsilon != 0:
+    if epsilon != 0 and _is_float16(dtype):
         return max(epsilon, _FLOAT16_EPS_FLOOR)
     return epsilon
+
+
+_float16_names: dict[Any, bool] = {}
+
+
+def _is_float16(dtype: Any) -> bool:
+    """Whether ``dtype`` is some module's float16 (``str`` of a dtype is slow: remembered)."""
+    key = (type(dtype), dtype)  # the type first: dtypes of different modules never meet in ==
+    try:
+        return _float16_names[key]
+    except (KeyError, TypeError):
+        # "float16", "torch.float16", "array_api_strict.float16"
+        answer = str(dtype).rpartition(".")[2] == "float16"
+        try:
+            _float16_names[key] = answer
+        except TypeError:  # an unhashable dtype object
+            pass
+        return answer
 
 
 def scalar_like(xp: ModuleType, value: Any, like: Any) -> Any:

@@ -112,7 +112,7 @@ class _Job:
         self.state = state  # the whole state, as the store keeps it
         self.new = False  # made by init this step, so not in the store yet
         self.rule_states = rule_states  # per entry of the plan: that rule's state
-        self.arrays = arrays  # per entry: its state arrays, 1-d views
+        self.arrays = arrays  # every entry's state arrays in plan order, 1-d views
         self.source: Any = None  # the update as it flows: the gradient, then the scratch buffer
         self.scale: Any = None  # a pending factor from a clip, applied by the next stage
         self.scratch: Any = None
