@@ -421,3 +421,17 @@ def test_cupy_flat_buffer_is_one_array(cupy_backend):
     co.update_(co.Adam(0.1), flat.data, grads.data)
     np.testing.assert_allclose(cupy.asnumpy(flat.tree[1]), 0.9, rtol=1e-6)
     assert math.isclose(float(flat.tree[0][0]), 0.9, rel_tol=1e-6)
+
+
+def test_the_fast_path_keeps_no_parameter_alive(mode):
+    import gc
+    import weakref
+
+    opt = co.Optimiser(co.Momentum(), co.ClipGlobalNorm(1.0), co.Adam())  # uses scratch buffers too
+    x = np.ones(10)
+    co.update_(opt, {"w": x}, {"w": np.ones(10)})
+    alive = weakref.ref(x)
+    del x
+    gc.collect()
+    assert alive() is None
+    assert len(co.state_store(opt)) == 0

@@ -166,12 +166,44 @@ def _entries(fused: Plan) -> list[Entry]:
     return [entry for stage in fused.stages for entry in stage.entries]
 
 
+class _Checked:
+    """What ``_jobs`` found fit for one parameter, kept to skip the checks while nothing changed."""
+
+    __slots__ = ("layout", "state", "rule_states", "originals", "arrays")
+
+    # Nothing here refers to the parameter itself (a view of it would): the entry is keyed
+    # weakly by the parameter and must not keep it alive.
+    def __init__(self, layout: Any, state: Any, rule_states: list[Any], originals: list[Any]) -> None:
+        self.layout = layout  # the plan's (path, state names, counter) per entry
+        self.state = state
+        self.rule_states = rule_states
+        self.originals = originals  # the state arrays themselves, to see whether one was replaced
+        self.arrays: list[Any] = []  # their 1-d views
+
+    def holds(self, layout: Any, state: Any) -> bool:
+        if layout != self.layout or state is not self.state:
+            return False
+        originals = iter(self.originals)
+        for (_, names, counter), rule_state in zip(layout, self.rule_states):
+            for name in names:
+                if getattr(rule_state, name, None) is not next(originals):
+                    return False
+            if counter is not None and type(getattr(rule_state, counter, None)) is not int:
+                return False
+        return True
+
+
+_checked: weakref.WeakKeyDictionary[StateStore, StateStore] = weakref.WeakKeyDictionary()
+
+
 def _jobs(
     backend: Backend, opt: Rule, fused: Plan, store: StateStore, leaves: Sequence[Any]
 ) -> list[_Job] | None:
     """Check every array and state, making missing states; ``None`` if any is not fit."""
-    entries = [(entry.path, entry.kernel.state, entry.kernel.counter) for entry in _entries(fused)]
-    state_array = backend.state_array
+    layout = tuple((entry.path, entry.kernel.state, entry.kernel.counter) for entry in _entries(fused))
+    known = _checked.get(store)
+    if known is None:
+        known = _checked[store] = StateStore()
     jobs = []
     for leaf in leaves:
         x = leaf.x
@@ -184,28 +216,44 @@ def _jobs(
                 state = opt.init(x)
             except ComposeoptError as err:
                 raise type(err)(f"{leaf.path}: {err}") from err
-        rule_states = []
-        arrays = []
-        for path, names, counter in entries:
-            rule_state = state
-            try:
-                for index in path:
-                    rule_state = rule_state[index]
-            except (TypeError, IndexError, KeyError):
+        checked = None if new else known.get(x)
+        if checked is None or not checked.holds(layout, state):
+            checked = _check(backend, layout, state, x)
+            if checked is None:
                 return None
-            for name in names:
-                view = state_array(getattr(rule_state, name, None), x)
-                if view is None:
-                    return None
-                arrays.append(view)
-            if counter is not None and type(getattr(rule_state, counter, None)) is not int:
-                return None
-            rule_states.append(rule_state)
-        job = _Job(leaf, backend.flat(x), state, rule_states, arrays)
+            known.set(x, checked)
+        job = _Job(leaf, backend.flat(x), state, checked.rule_states, checked.arrays)
         job.new = new
         job.source = backend.gradient(x, leaf.dx)
         jobs.append(job)
     return jobs
+
+
+def _check(backend: Backend, layout: Any, state: Any, x: Any) -> _Checked | None:
+    """The state of one parameter, checked against the plan; ``None`` if it is not fit."""
+    rule_states = []
+    originals = []
+    views = []
+    for path, names, counter in layout:
+        rule_state = state
+        try:
+            for index in path:
+                rule_state = rule_state[index]
+        except (TypeError, IndexError, KeyError):
+            return None
+        for name in names:
+            original = getattr(rule_state, name, None)
+            view = backend.state_array(original, x)
+            if view is None:
+                return None
+            originals.append(original)
+            views.append(view)
+        if counter is not None and type(getattr(rule_state, counter, None)) is not int:
+            return None
+        rule_states.append(rule_state)
+    checked = _Checked(layout, state, rule_states, originals)
+    checked.arrays = views
+    return checked
 
 
 def _run(backend: Backend, fused: Plan, store: StateStore, jobs: list[_Job]) -> None:
