@@ -1,9 +1,9 @@
 """``python -m composeopt.bench``: ms per optimiser step, against the memory-traffic floor and peers.
 
 An Adam step must read x, g, m, v and write x, m, v: 28 bytes per float32
-element.  The floor is that traffic at the bandwidth that a loop doing exactly
-that (``x += g; m += g; v += g``) reaches here, on the same threads, measured
-in the same run.  Sets:
+element.  The floor is the time of a loop with exactly that traffic
+(``x += g; m += g; v += g``) over the same number of elements, on the same
+threads, timed alternately with each implementation in the same run.  Sets:
 
 * ``big``: one array of 16.8M elements;
 * ``resnet50``: ResNet-50's 161 parameter arrays (25.6M elements);
@@ -208,8 +208,8 @@ def _optax(name: str, shapes: list[tuple[int, ...]]) -> Step | None:
     return step
 
 
-def _floor_bandwidth(elements: int) -> tuple[float, str]:
-    """Bytes per second of the same-traffic loop over ``elements`` float32 elements."""
+def _floor_step(elements: int) -> tuple[Step, str]:
+    """The same-traffic loop over ``elements`` float32 elements, and how it is done."""
     x, g, m, v = _arrays([(elements,)] * 4, 2)
     if _fused._numba_available():
         from ._fused._numba_floor import same_traffic
@@ -227,19 +227,22 @@ def _floor_bandwidth(elements: int) -> tuple[float, str]:
             np.add(v, g, out=v)
 
         how = "three NumPy adds (no numba: an estimate)"
-    seconds = _time(step, 7)
-    return BYTES_PER_ELEMENT * elements / seconds, how
+    return step, how
 
 
-def _time(step: Step, reps: int) -> float:
+def _time_beside(step: Step, floor: Step, reps: int) -> tuple[float, float]:
+    """Median seconds of ``step`` and of ``floor``, timed alternately: on a shared machine both
+    see the same conditions, so their ratio is steadier than either time."""
     for _ in range(2):
         step()
-    times = []
+        floor()
+    times: tuple[list[float], list[float]] = ([], [])
     for _ in range(reps):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for function, samples in ((step, times[0]), (floor, times[1])):
+            start = time.perf_counter()
+            function()
+            samples.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def _implementations(only: set[str] | None) -> dict[str, Callable[[str, list[tuple[int, ...]]], Step | None]]:
@@ -287,18 +290,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = set(sets) - set(SETS)
     if unknown:
         parser.error(f"unknown sets {sorted(unknown)}")
-    bandwidth, how = _floor_bandwidth(max(1, int((1 << 24) * scale)))
     impls = _implementations({word for word in args.only.split(",") if word} or None)
     results: list[dict[str, Any]] = []
+    how = ""
     for set_name in sets:
         shapes = _shapes(set_name, scale)
         elements = sum(int(np.prod(shape)) for shape in shapes)
-        floor_ms = 1e3 * BYTES_PER_ELEMENT * elements / bandwidth
+        floor, how = _floor_step(elements)
         for impl, make in impls.items():
             step = make(set_name, shapes)
             if step is None:
                 continue
-            ms = 1e3 * _time(step, reps)
+            seconds, floor_seconds = _time_beside(step, floor, reps)
+            ms, floor_ms = 1e3 * seconds, 1e3 * floor_seconds
             results.append(
                 {
                     "impl": impl,
@@ -307,14 +311,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "elements": elements,
                     "ms": ms,
                     "floor_ms": floor_ms,
+                    "floor_GB/s": BYTES_PER_ELEMENT * elements / floor_seconds / 1e9,
                     "x_floor": ms / floor_ms,
                 }
             )
             del step
             gc.collect()
+        del floor
     report = {
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": threads},
-        "floor": {"GB/s": bandwidth / 1e9, "bytes_per_element": BYTES_PER_ELEMENT, "measured_with": how},
+        "floor": {"bytes_per_element": BYTES_PER_ELEMENT, "measured_with": how},
         "scale": scale,
         "reps": reps,
         "results": results,
@@ -330,11 +336,16 @@ def _table(report: dict[str, Any], sets: list[str]) -> str:
     cells: dict[str, dict[str, str]] = {}
     for row in report["results"]:
         cells.setdefault(row["impl"], {})[row["set"]] = f"{row['ms']:.2f} ms ({row['x_floor']:.2f}×)"
-    floors = {row["set"]: row["floor_ms"] for row in report["results"]}
-    header = ["implementation", *(f"{name} (floor {floors.get(name, 0):.2f} ms)" for name in sets)]
+    floors: dict[str, list[float]] = {}
+    for row in report["results"]:
+        floors.setdefault(row["set"], []).append(row["floor_ms"])
+    header = [
+        "implementation",
+        *(f"{name} (floor {statistics.median(floors.get(name, [0.0])):.2f} ms)" for name in sets),
+    ]
     lines = [
-        f"Adam float32, ms per step (× floor); floor: {BYTES_PER_ELEMENT} B/element at "
-        f"{report['floor']['GB/s']:.1f} GB/s ({report['floor']['measured_with']}), "
+        f"Adam float32, ms per step (× floor, the floor timed alternately with each row); floor: "
+        f"{BYTES_PER_ELEMENT} B/element, {report['floor']['measured_with']}; "
         f"{report['machine']['threads']} threads",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
