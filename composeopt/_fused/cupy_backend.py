@@ -8,9 +8,10 @@ stage reads, so a step never waits for the GPU.  For many small arrays, keep the
 parameters as views of one buffer (:func:`composeopt.flatten`) and update the
 buffer: one launch per stage for all of them.
 
-Not run on hardware by the project's CI (it has no GPU): the tests in
-``tests/test_fused.py`` check it against the generic path wherever CuPy and a
-GPU are present.
+The project's CI has no GPU: there, tests/test_fused_cuda_source.py compiles
+each generated body as C++ on the CPU and compares it with the NumPy program
+of the same stage; tests/test_fused.py checks the whole path against the
+generic one wherever CuPy and a GPU are present.
 """
 
 from __future__ import annotations
