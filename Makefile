@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 LINTED := composeopt tests docs/examples
 
-.PHONY: install demo test lint format typecheck docs docs-serve clean
+.PHONY: install demo test bench lint format typecheck docs docs-serve clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,10 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 # $(VENV)/.installed-test, -demo, -lint, -docs: the project with that extra.
 $(VENV)/.installed-%: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --editable '.[$*]'
+	touch $@ $(VENV)/.installed
+
+$(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet --editable '.[bench]'
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed
@@ -44,6 +48,10 @@ docs: $(VENV)/.installed-docs
 
 docs-serve: $(VENV)/.installed-docs
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --config-file docs/mkdocs.yml
+
+# Optimiser step timings against the memory-traffic floor and the installed peers (BENCH_ARGS=--quick).
+bench: $(VENV)/.installed-bench
+	$(BIN)/python -m composeopt.bench --json bench.json $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .coverage build dist site out *.egg-info

@@ -20,6 +20,7 @@ from .chain import Optimiser, OptimiserChain
 from .checkpoint import load, load_state_dict, save, state_dict
 from .control import adjust_, freeze_, hyperparameters, thaw_
 from .engine import reset_, state_store, update, update_
+from .flat import Flat, flatten
 from .groups import Groups
 from .hyper import Hyper
 from .rule import Rule, State
@@ -57,6 +58,8 @@ __all__ = [
     "load_state_dict",
     "save",
     "load",
+    "flatten",
+    "Flat",
     # building blocks for new rules
     "Rule",
     "State",

@@ -20,6 +20,8 @@ __all__ = ["namespace", "is_array", "backend_name", "eps_for", "scalar_like", "c
 # on zero gradients.  The floor is the value Optimisers.jl uses for Float16.
 _FLOAT16_EPS_FLOOR = float(np.float16(1e-7))
 
+_NUMPY_NAMESPACE = array_api_compat.array_namespace(np.empty(0))
+
 
 def namespace(*arrays: Any) -> ModuleType:
     """The array-API namespace of `arrays` (NumPy, CuPy, array_api_strict, ...).
@@ -34,11 +36,17 @@ def namespace(*arrays: Any) -> ModuleType:
         >>> xp.zeros_like(np.ones(3, dtype=np.float32)).dtype
         dtype('float32')
     """
+    if arrays and all(type(array) is np.ndarray for array in arrays):
+        # What array_namespace answers for plain NumPy arrays, without its ~10 µs of checks
+        # (the engine asks several times per parameter per step).
+        return _NUMPY_NAMESPACE
     return array_api_compat.array_namespace(*arrays)
 
 
 def is_array(obj: Any) -> bool:
     """Whether `obj` is an array of some array module (not a Python or NumPy scalar)."""
+    if type(obj) is np.ndarray:
+        return True
     return array_api_compat.is_array_api_obj(obj) and not isinstance(obj, np.generic)
 
 
@@ -57,10 +65,27 @@ def backend_name(obj: Any) -> str:
 
 def eps_for(dtype: Any, epsilon: float) -> float:
     """`epsilon` for arrays of `dtype`, floored for float16 so that it does not underflow."""
-    name = str(dtype).rpartition(".")[2]  # "float16", "torch.float16", "array_api_strict.float16"
-    if name == "float16" and epsilon != 0:
+    if epsilon != 0 and _is_float16(dtype):
         return max(epsilon, _FLOAT16_EPS_FLOOR)
     return epsilon
+
+
+_float16_names: dict[Any, bool] = {}
+
+
+def _is_float16(dtype: Any) -> bool:
+    """Whether `dtype` is some module's float16 (`str` of a dtype is slow: remembered)."""
+    key = (type(dtype), dtype)  # the type first: dtypes of different modules never meet in ==
+    try:
+        return _float16_names[key]
+    except (KeyError, TypeError):
+        # "float16", "torch.float16", "array_api_strict.float16"
+        answer = str(dtype).rpartition(".")[2] == "float16"
+        try:
+            _float16_names[key] = answer
+        except TypeError:  # an unhashable dtype object
+            pass
+        return answer
 
 
 def scalar_like(xp: ModuleType, value: Any, like: Any) -> Any:

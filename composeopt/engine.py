@@ -18,10 +18,10 @@ from typing import Any, TypeVar
 import array_api_compat
 import numpy as np
 
+from . import _fused
 from ._dispatch import backend_name, is_array, namespace
 from .errors import ShapeMismatchError, UnsupportedArrayError
-from .hyper import follow_schedules
-from .rule import Rule, State, walk_rules
+from .rule import Rule, State, start_step, walk_rules
 from .store import StateStore, copy_state
 from .tree import Path, rebuild, zip_leaves
 
@@ -105,9 +105,12 @@ def update_(opt: Rule, params: T, grads: Any) -> T:
     """
     if not isinstance(opt, Rule):
         raise TypeError(f"update_: expected a composeopt Rule, got a {type(opt).__name__}")
-    leaves = _collect(opt, params, grads)
+    fused = _fused.plan(opt)  # issue 5: fused in-place step, see composeopt/_fused
+    leaves = _collect(opt, params, grads, copy=fused is None)
     for leaf in leaves:
         _check_writable(leaf)
+    if fused is not None and _fused.step_(fused, opt, state_store(opt), leaves):
+        return params  # one pass wrote x and the states; otherwise leaves now hold gradient copies
     updates = _step(opt, leaves)
     for leaf, change in zip(leaves, updates):
         x = leaf.x
@@ -141,10 +144,12 @@ def update(opt: Rule, params: T, grads: Any) -> T:
     return new_params
 
 
-def _collect(opt: Rule, params: Any, grads: Any) -> list[_Leaf]:
+def _collect(opt: Rule, params: Any, grads: Any, copy: bool = True) -> list[_Leaf]:
     """Phase 1: pair and check every (parameter, gradient); one entry per distinct array.
 
     Frozen parameters ([freeze_][composeopt.freeze_]) are left out, as if their gradient were `None`.
+    `copy=False` (the fused step, which never writes a gradient) skips copying gradients
+    that already have the parameter's dtype.
     """
     frozen = state_store(opt).frozen
     by_id: dict[int, _Leaf] = {}
@@ -165,7 +170,7 @@ def _collect(opt: Rule, params: Any, grads: Any) -> list[_Leaf]:
         xp = namespace(x)
         leaf = by_id.get(id(x))
         if leaf is None:
-            by_id[id(x)] = _Leaf(path, x, xp.astype(g, x.dtype, copy=True))
+            by_id[id(x)] = _Leaf(path, x, xp.astype(g, x.dtype, copy=copy))
         else:  # the same array twice in the tree: one update from the summed gradients
             leaf.dx = leaf.dx + xp.astype(g, x.dtype)
     return list(by_id.values())
@@ -236,9 +241,7 @@ def _step(opt: Rule, leaves: list[_Leaf]) -> list[Any]:
     step = store.step + 1
     try:
         with np.errstate(all="ignore"):  # overflow is the caller's business, as in every peer
-            for rule in rules:
-                follow_schedules(rule, step)
-            opt.begin_step(step)
+            start_step(opt, step)
             updates = opt.apply_tree_(
                 states,
                 [leaf.x for leaf in leaves],

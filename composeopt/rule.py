@@ -14,9 +14,9 @@ from types import SimpleNamespace
 from typing import Any, ClassVar
 
 from .errors import ComposeoptError
-from .hyper import REQUIRED, Hyper, settings
+from .hyper import REQUIRED, Hyper, follow_schedules, settings
 
-__all__ = ["Rule", "State", "walk_rules"]
+__all__ = ["Rule", "State", "walk_rules", "start_step"]
 
 
 class State(SimpleNamespace):
@@ -215,3 +215,10 @@ def walk_rules(rule: Rule) -> Iterator[Rule]:
     yield rule
     for child in rule.children():
         yield from walk_rules(child)
+
+
+def start_step(rule: Rule, step: int) -> None:
+    """Open optimiser step `step` of `rule`: every schedule in it takes its value, then `begin_step`."""
+    for inner in walk_rules(rule):
+        follow_schedules(inner, step)
+    rule.begin_step(step)

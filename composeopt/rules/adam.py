@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 from .._dispatch import eps_for, namespace
+from .._fused.kernel import Kernel
 from ..hyper import Hyper, beta_pair, flag, nonnegative
 from ..rule import Rule, State
 from ._math import bias_corrected_direction, ema
@@ -23,6 +24,88 @@ def _advance(state: State, dx: Any, beta: tuple[float, float]) -> None:
     state.t += 1
     state.mu = ema(state.mu, dx, beta[0])
     state.nu = ema(state.nu, dx * dx, beta[1])
+
+
+# The fast paths' elementwise math (see composeopt/_fused/kernel.py), step for step as in
+# apply_: the moments as _advance updates them, then the rule's own update.
+_MOMENTS = """
+mu = b1 * mu + keep1 * dx
+nu = b2 * nu + keep2 * (dx * dx)
+"""
+_DIRECTION = "(mu / c1) / (sqrt(nu / c2) + eps)"
+
+
+def _moment_scalars(rule: Any, state: State, dtype: Any) -> dict[str, float]:
+    """The scalars of the moments and of the bias-corrected direction, `state.t` already advanced."""
+    (b1, b2), t = rule.beta, state.t
+    return {
+        "eta": rule.eta,
+        "b1": b1,
+        "keep1": 1 - b1,
+        "b2": b2,
+        "keep2": 1 - b2,
+        "c1": 1 - b1**t,
+        "c2": 1 - b2**t,
+        "eps": eps_for(dtype, rule.epsilon),
+    }
+
+
+def _radam_scalars(rule: RAdam, state: State, dtype: Any) -> dict[str, float]:
+    (b1, b2), t = rule.beta, state.t
+    rho_inf = 2 / (1 - b2) - 1
+    rho = rho_inf - 2 * t * b2**t / (1 - b2**t)
+    warmup = rho <= 4
+    r = 0.0 if warmup else math.sqrt((rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho))
+    scalars = _moment_scalars(rule, state, dtype)
+    scalars.update(warmup=float(warmup), momentum_rate=rule.eta / (1 - b1**t), eta_r=rule.eta * r)
+    return scalars
+
+
+def _adamax_scalars(rule: AdaMax, state: State, dtype: Any) -> dict[str, float]:
+    scalars = _moment_scalars(rule, state, dtype)
+    scalars["rate"] = rule.eta / (1 - rule.beta[0] ** state.t)
+    return scalars
+
+
+def _nadam_scalars(rule: NAdam, state: State, dtype: Any) -> dict[str, float]:
+    (b1, b2), t = rule.beta, state.t
+    scalars = _moment_scalars(rule, state, dtype)
+    scalars.update(ahead=b1 / (1 - b1 ** (t + 1)), now=(1 - b1) / (1 - b1**t), root=b2 / (1 - b2**t))
+    return scalars
+
+
+def _amsgrad_scalars(rule: AMSGrad, state: State, dtype: Any) -> dict[str, float]:
+    (b1, b2) = rule.beta
+    return {
+        "eta": rule.eta,
+        "b1": b1,
+        "keep1": 1 - b1,
+        "b2": b2,
+        "keep2": 1 - b2,
+        "eps": eps_for(dtype, rule.epsilon),
+    }
+
+
+def _oadam_scalars(rule: OAdam, state: State, dtype: Any) -> dict[str, float]:
+    return {**_moment_scalars(rule, state, dtype), "two": 2.0}
+
+
+def _adamw_scalars(rule: AdamW, state: State, dtype: Any) -> dict[str, float]:
+    return {**_moment_scalars(rule, state, dtype), "lam": rule.lambda_}
+
+
+_ADAMW_COUPLED = Kernel(
+    _MOMENTS + f"direction = {_DIRECTION}\nreturn eta * (direction + lam * x)",
+    _adamw_scalars,
+    state=("mu", "nu"),
+    counter="t",
+)
+_ADAMW_DECOUPLED = Kernel(
+    _MOMENTS + f"direction = {_DIRECTION}\nreturn eta * direction + lam * x",
+    _adamw_scalars,
+    state=("mu", "nu"),
+    counter="t",
+)
 
 
 class Adam(Rule):
@@ -59,6 +142,9 @@ class Adam(Rule):
     eta = Hyper(0.001, nonnegative)
     beta = Hyper((0.9, 0.999), beta_pair)
     epsilon = Hyper(1e-8, nonnegative)
+    fused = Kernel(
+        _MOMENTS + f"return eta * ({_DIRECTION})", _moment_scalars, state=("mu", "nu"), counter="t"
+    )
 
     def init(self, x: Any) -> State:
         return _moments(x)
@@ -102,6 +188,13 @@ class RAdam(Rule):
     def init(self, x: Any) -> State:
         return _moments(x)
 
+    fused = Kernel(
+        _MOMENTS + f"return momentum_rate * mu if warmup else eta_r * ({_DIRECTION})",
+        _radam_scalars,
+        state=("mu", "nu"),
+        counter="t",
+    )
+
     def apply_(self, state: State, x: Any, dx: Any) -> Any:
         _advance(state, dx, self.beta)
         (b1, b2), t = self.beta, state.t
@@ -143,6 +236,17 @@ class AdaMax(Rule):
 
     def init(self, x: Any) -> State:
         return _moments(x)
+
+    fused = Kernel(
+        """
+        mu = b1 * mu + keep1 * dx
+        nu = maximum(b2 * nu, abs(dx))
+        return rate * mu / (nu + eps)
+        """,
+        _adamax_scalars,
+        state=("mu", "nu"),
+        counter="t",
+    )
 
     def apply_(self, state: State, x: Any, dx: Any) -> Any:
         xp = namespace(x)
@@ -187,6 +291,13 @@ class NAdam(Rule):
     def init(self, x: Any) -> State:
         return _moments(x)
 
+    fused = Kernel(
+        _MOMENTS + "return eta * (ahead * mu + now * dx) / (sqrt(root * nu) + eps)",
+        _nadam_scalars,
+        state=("mu", "nu"),
+        counter="t",
+    )
+
     def apply_(self, state: State, x: Any, dx: Any) -> Any:
         xp = namespace(x)
         _advance(state, dx, self.beta)
@@ -225,6 +336,12 @@ class AMSGrad(Rule):
     eta = Hyper(0.001, nonnegative)
     beta = Hyper((0.9, 0.999), beta_pair)
     epsilon = Hyper(1e-8, nonnegative)
+
+    fused = Kernel(
+        _MOMENTS + "nu_max = maximum(nu_max, nu)\nreturn eta * mu / (sqrt(nu_max) + eps)",
+        _amsgrad_scalars,
+        state=("mu", "nu", "nu_max"),
+    )
 
     def init(self, x: Any) -> State:
         xp = namespace(x)
@@ -266,6 +383,14 @@ class OAdam(Rule):
     eta = Hyper(0.001, nonnegative)
     beta = Hyper((0.5, 0.9), beta_pair)
     epsilon = Hyper(1e-8, nonnegative)
+
+    fused = Kernel(
+        _MOMENTS
+        + f"step = eta * ({_DIRECTION})\nchange = two * step - previous\nprevious = step\nreturn change",
+        _oadam_scalars,
+        state=("mu", "nu", "previous"),
+        counter="t",
+    )
 
     def init(self, x: Any) -> State:
         state = _moments(x)
@@ -319,6 +444,10 @@ class AdamW(Rule):
     epsilon = Hyper(1e-8, nonnegative)
     couple = Hyper(True, flag)
 
+    @property
+    def fused(self) -> Kernel:
+        return _ADAMW_COUPLED if self.couple else _ADAMW_DECOUPLED
+
     def init(self, x: Any) -> State:
         return _moments(x)
 
@@ -357,6 +486,18 @@ class AdaBelief(Rule):
     eta = Hyper(0.001, nonnegative)
     beta = Hyper((0.9, 0.999), beta_pair)
     epsilon = Hyper(1e-16, nonnegative)
+    fused = Kernel(
+        f"""
+        mu = b1 * mu + keep1 * dx
+        surprise = dx - mu
+        nu = b2 * nu + keep2 * (surprise * surprise)
+        nu = nu + eps
+        return eta * ({_DIRECTION})
+        """,
+        _moment_scalars,
+        state=("mu", "nu"),
+        counter="t",
+    )
 
     def init(self, x: Any) -> State:
         return _moments(x)

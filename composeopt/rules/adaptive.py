@@ -5,11 +5,43 @@ from __future__ import annotations
 from typing import Any
 
 from .._dispatch import eps_for, namespace
+from .._fused.kernel import Kernel
 from ..hyper import Hyper, flag, nonnegative, unit_interval
 from ..rule import Rule, State
 from ._math import ema
 
 __all__ = ["RMSProp", "AdaGrad", "AdaDelta"]
+
+
+def _rmsprop(rule: RMSProp, state: Any, dtype: Any) -> dict[str, float]:
+    return {"eta": rule.eta, "rho": rule.rho, "keep": 1 - rule.rho, "eps": eps_for(dtype, rule.epsilon)}
+
+
+def _adagrad(rule: AdaGrad, state: Any, dtype: Any) -> dict[str, float]:
+    return {"eta": rule.eta, "eps": eps_for(dtype, rule.epsilon)}
+
+
+def _adadelta(rule: AdaDelta, state: Any, dtype: Any) -> dict[str, float]:
+    return {"rho": rule.rho, "keep": 1 - rule.rho, "eps": eps_for(dtype, rule.epsilon)}
+
+
+_RMSPROP = Kernel(
+    """
+    s = rho * s + keep * (dx * dx)
+    return eta * dx / (sqrt(s) + eps)
+    """,
+    _rmsprop,
+    state=("s",),
+)
+_RMSPROP_CENTRED = Kernel(
+    """
+    s = rho * s + keep * (dx * dx)
+    g = rho * g + keep * dx
+    return eta * dx / (sqrt(s - g * g) + eps)
+    """,
+    _rmsprop,
+    state=("s", "g"),
+)
 
 
 class RMSProp(Rule):
@@ -47,6 +79,10 @@ class RMSProp(Rule):
     rho = Hyper(0.9, unit_interval)
     epsilon = Hyper(1e-8, nonnegative)
     centred = Hyper(False, flag)
+
+    @property
+    def fused(self) -> Kernel:
+        return _RMSPROP_CENTRED if self.centred else _RMSPROP
 
     def init(self, x: Any) -> State:
         xp = namespace(x)
@@ -89,6 +125,7 @@ class AdaGrad(Rule):
     fallible = False
     eta = Hyper(0.1, nonnegative)
     epsilon = Hyper(1e-8, nonnegative)
+    fused = Kernel("s = s + dx * dx\nreturn eta * dx / (sqrt(s) + eps)", _adagrad, state=("s",))
 
     def init(self, x: Any) -> State:
         return State(s=namespace(x).full_like(x, self.epsilon))
@@ -121,6 +158,16 @@ class AdaDelta(Rule):
     fallible = False
     rho = Hyper(0.9, unit_interval)
     epsilon = Hyper(1e-8, nonnegative)
+    fused = Kernel(
+        """
+        s = rho * s + keep * (dx * dx)
+        change = dx * sqrt(u + eps) / sqrt(s + eps)
+        u = rho * u + keep * (change * change)
+        return change
+        """,
+        _adadelta,
+        state=("s", "u"),
+    )
 
     def init(self, x: Any) -> State:
         xp = namespace(x)

@@ -9,6 +9,7 @@ from typing import Any
 from array_api_compat import device
 
 from .._dispatch import namespace
+from .._fused.kernel import Kernel, NormClip
 from ..errors import NonFiniteError, UnsupportedArrayError
 from ..hyper import REQUIRED, Hyper, flag, nonnegative, norm_order, positive
 from ..rule import Rule
@@ -45,6 +46,10 @@ class ClipValue(Rule):
 
     fallible = False
     thresh = Hyper(10.0, nonnegative)
+    fused = Kernel(
+        "return minimum(maximum(dx, low), high)",
+        lambda rule, state, dtype: {"low": -rule.thresh, "high": rule.thresh},
+    )
 
     def apply_(self, state: Any, x: Any, dx: Any) -> Any:
         return namespace(dx).clip(dx, -self.thresh, self.thresh)
@@ -81,6 +86,7 @@ class ClipNorm(Rule):
     omega = Hyper(10.0, positive)
     p = Hyper(2, norm_order)
     throw = Hyper(True, flag)
+    fused = NormClip("array")  # when it cannot fail (throw=False)
 
     @property
     def fallible(self) -> bool:  # type: ignore[override]
@@ -127,6 +133,7 @@ class ClipGlobalNorm(Rule):
     fallible = False
     omega = Hyper(REQUIRED, positive)
     p = Hyper(2, norm_order)
+    fused = NormClip("tree")
 
     def apply_(self, state: Any, x: Any, dx: Any) -> Any:
         return self.apply_tree_([state], [x], [dx], ["params"])[0]

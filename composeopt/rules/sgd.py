@@ -5,10 +5,24 @@ from __future__ import annotations
 from typing import Any
 
 from .._dispatch import namespace
+from .._fused.kernel import Kernel
 from ..hyper import Hyper, nonnegative, unit_interval
 from ..rule import Rule, State
 
 __all__ = ["Descent", "Momentum", "Nesterov"]
+
+
+def _eta(rule: Descent, state: Any, dtype: Any) -> dict[str, float]:
+    return {"eta": rule.eta}
+
+
+def _eta_rho(rule: Momentum, state: Any, dtype: Any) -> dict[str, float]:
+    return {"eta": rule.eta, "rho": rule.rho}
+
+
+def _nesterov(rule: Nesterov, state: Any, dtype: Any) -> dict[str, float]:
+    rho, eta = rule.rho, rule.eta
+    return {"eta": eta, "rho": rho, "lead": (1 + rho) * eta, "rho2": rho**2}
 
 
 class Descent(Rule):
@@ -31,6 +45,7 @@ class Descent(Rule):
 
     fallible = False
     eta = Hyper(0.1, nonnegative)
+    fused = Kernel("return eta * dx", _eta)
 
     def apply_(self, state: Any, x: Any, dx: Any) -> Any:
         return self.eta * dx
@@ -65,6 +80,7 @@ class Momentum(Rule):
     fallible = False
     eta = Hyper(0.01, nonnegative)
     rho = Hyper(0.9, unit_interval)
+    fused = Kernel("v = rho * v + eta * dx\nreturn v", _eta_rho, state=("v",))
 
     def init(self, x: Any) -> State:
         return State(v=namespace(x).zeros_like(x))
@@ -98,6 +114,15 @@ class Nesterov(Rule):
     fallible = False
     eta = Hyper(0.001, nonnegative)
     rho = Hyper(0.9, unit_interval)
+    fused = Kernel(
+        """
+        change = lead * dx - rho2 * v
+        v = rho * v - eta * dx
+        return change
+        """,
+        _nesterov,
+        state=("v",),
+    )
 
     def init(self, x: Any) -> State:
         return State(v=namespace(x).zeros_like(x))

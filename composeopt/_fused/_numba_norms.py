@@ -1,0 +1,42 @@
+"""numba reductions for the norm-clipping stages (imported only with numba present)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numba import njit
+
+__all__ = ["power", "combine_max"]
+
+
+@njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc"})
+def power(lo: int, hi: int, a: Any, p: float, kind: int) -> float:  # pragma: no cover - compiled
+    """Over `a[lo:hi]`, in float64: kind 0 `sum a²`, 1 `sum |a|`, 2 `max |a|`, 3 `sum |a|^p`.
+
+    Only the sums may be reordered (vectorised); NaN still propagates."""
+    a = a[lo:hi]
+    total = 0.0
+    if kind == 0:
+        for i in range(a.shape[0]):
+            v = np.float64(a[i])
+            total += v * v
+    elif kind == 1:
+        for i in range(a.shape[0]):
+            total += abs(np.float64(a[i]))
+    elif kind == 2:
+        for i in range(a.shape[0]):
+            v = abs(np.float64(a[i]))
+            if v > total or v != v:
+                total = v
+            if total != total:
+                break
+    else:
+        for i in range(a.shape[0]):
+            total += abs(np.float64(a[i])) ** p
+    return total
+
+
+def combine_max(parts: Any) -> float:
+    """The largest value of `parts`, NaN if any is NaN (as `numpy.max`)."""
+    return float(np.max(parts)) if len(parts) else 0.0
