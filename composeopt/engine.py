@@ -153,21 +153,21 @@ def _collect(opt: Rule, params: Any, grads: Any, copy: bool = True) -> list[_Lea
     """
     frozen = state_store(opt).frozen
     by_id: dict[int, _Leaf] = {}
-    reference: tuple[str, Any] | None = None
+    reference: tuple[str, Any, Any] | None = None  # the first parameter, and its namespace
     for path, x, g in zip_leaves(params, grads):
-        if x in frozen:
+        if frozen and x in frozen:
             continue
-        _check_parameter(path, x)
+        xp = namespace(x)
+        _check_parameter(path, x, xp)
         if reference is None:
-            reference = (path, x)
-        elif namespace(x) is not namespace(reference[1]):
+            reference = (path, x, xp)
+        elif xp is not reference[2]:
             raise UnsupportedArrayError(
                 f"{path}: parameter is a {backend_name(x)} array but {reference[0]} "
                 f"is a {backend_name(reference[1])} array; one tree must use one array module"
             )
         g = _as_array(g)  # NumPy hands 0-d gradients over as scalars
-        _check_gradient(path, x, g)
-        xp = namespace(x)
+        _check_gradient(path, x, g, xp)
         leaf = by_id.get(id(x))
         if leaf is None:
             by_id[id(x)] = _Leaf(path, x, xp.astype(g, x.dtype, copy=copy))
@@ -177,35 +177,37 @@ def _collect(opt: Rule, params: Any, grads: Any, copy: bool = True) -> list[_Lea
 
 
 def _is_real_floating(xp: Any, dtype: Any) -> bool:
+    if isinstance(dtype, np.dtype):  # NumPy's and CuPy's dtypes: cheaper than isdtype
+        return dtype.kind == "f"
     return bool(xp.isdtype(dtype, "real floating"))
 
 
-def _check_parameter(path: str, x: Any) -> None:
-    xp = namespace(x)
+def _check_parameter(path: str, x: Any, xp: Any) -> None:
     if not _is_real_floating(xp, x.dtype):
         raise UnsupportedArrayError(
             f"{path}: parameter has dtype {x.dtype}; only real floating-point arrays can be optimised"
         )
 
 
-def _check_gradient(path: str, x: Any, g: Any) -> None:
-    if not is_array(g):
-        raise UnsupportedArrayError(f"{path}: gradient is a {type(g).__name__}, not an array")
-    if namespace(g) is not namespace(x):
-        raise UnsupportedArrayError(
-            f"{path}: gradient is a {backend_name(g)} array but the parameter is a "
-            f"{backend_name(x)} array; move one of them explicitly"
-        )
-    if array_api_compat.device(g) != array_api_compat.device(x):
-        raise UnsupportedArrayError(
-            f"{path}: gradient is on device {array_api_compat.device(g)} but the parameter "
-            f"is on device {array_api_compat.device(x)}"
-        )
+def _check_gradient(path: str, x: Any, g: Any, xp: Any) -> None:
+    if not (type(g) is np.ndarray and type(x) is np.ndarray):  # two NumPy arrays share module and device
+        if not is_array(g):
+            raise UnsupportedArrayError(f"{path}: gradient is a {type(g).__name__}, not an array")
+        if namespace(g) is not xp:
+            raise UnsupportedArrayError(
+                f"{path}: gradient is a {backend_name(g)} array but the parameter is a "
+                f"{backend_name(x)} array; move one of them explicitly"
+            )
+        if array_api_compat.device(g) != array_api_compat.device(x):
+            raise UnsupportedArrayError(
+                f"{path}: gradient is on device {array_api_compat.device(g)} but the parameter "
+                f"is on device {array_api_compat.device(x)}"
+            )
     if tuple(g.shape) != tuple(x.shape):
         raise ShapeMismatchError(
             f"{path}: gradient shape {tuple(g.shape)} != parameter shape {tuple(x.shape)}"
         )
-    if not _is_real_floating(namespace(g), g.dtype):
+    if not _is_real_floating(xp, g.dtype):
         raise UnsupportedArrayError(
             f"{path}: gradient has dtype {g.dtype}; expected a real floating-point array"
         )
@@ -213,7 +215,8 @@ def _check_gradient(path: str, x: Any, g: Any) -> None:
 
 def _check_writable(leaf: _Leaf) -> None:
     x = leaf.x
-    if array_api_compat.is_jax_array(x) or (isinstance(x, np.ndarray) and not x.flags.writeable):
+    read_only = not x.flags.writeable if isinstance(x, np.ndarray) else array_api_compat.is_jax_array(x)
+    if read_only:
         raise UnsupportedArrayError(
             f"{leaf.path}: parameter is a read-only {backend_name(x)} array; update_ changes "
             "arrays in place, use composeopt.update(opt, params, grads), which returns new ones"
