@@ -14,7 +14,7 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
-__all__ = ["namespace", "is_array", "backend_name", "eps_for", "scalar_like", "copy"]
+__all__ = ["namespace", "is_array", "backend_name", "eps_for", "copy"]
 
 # Float16 cannot hold 1e-8: an epsilon that rounds to zero turns Adam's 0/0 into NaN
 # on zero gradients.  The floor is the value Optimisers.jl uses for Float16.
@@ -86,11 +86,6 @@ def _is_float16(dtype: Any) -> bool:
         except TypeError:  # an unhashable dtype object
             pass
         return answer
-
-
-def scalar_like(xp: ModuleType, value: Any, like: Any) -> Any:
-    """A 0-d array holding `value` with `like`'s dtype and device."""
-    return xp.asarray(value, dtype=like.dtype, device=array_api_compat.device(like))
 
 
 def copy(xp: ModuleType, array: Any) -> Any:
