@@ -23,7 +23,7 @@ from .engine import reset_, state_store, update, update_
 from .flat import Flat, flatten
 from .groups import Groups
 from .hyper import Hyper
-from .rule import Rule, State
+from .rule import Replace, Rule, State
 from .rules.adam import AdaBelief, Adam, AdaMax, AdamW, AMSGrad, NAdam, OAdam, RAdam
 from .rules.adaptive import AdaDelta, AdaGrad, RMSProp
 from .rules.clip import ClipGlobalNorm, ClipGrad, ClipNorm, ClipValue
@@ -63,6 +63,7 @@ __all__ = [
     # building blocks for new rules
     "Rule",
     "State",
+    "Replace",
     "Hyper",
     "namespace",
     "errors",

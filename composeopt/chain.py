@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from .rule import Rule
+from .errors import ComposeoptError
+from .rule import Replace, Rule
 
 __all__ = ["Optimiser", "OptimiserChain"]
 
@@ -21,6 +22,9 @@ class Optimiser(Rule):
     A chain is itself a rule, so chains nest; its state is the tuple of its
     rules' states.  With no rules it is the identity ($x \mathrel{-}= dx$).
     Tree-level rules inside see the whole gradient tree as it reaches them.
+    A parameter for which a rule returns `None` (e.g. [AccumGrad][composeopt.AccumGrad]
+    between its updates) leaves the chain there: later rules do not see it and
+    it is not changed this step.
     Indexing and iteration reach the inner rules: `opt[2].eta = 1e-4`.
 
     Args:
@@ -48,7 +52,14 @@ class Optimiser(Rule):
                 raise TypeError(
                     f"Optimiser: argument {position} is a {type(rule).__name__}, not a composeopt Rule"
                 )
+        for rule in rules[:-1]:
+            if rule.assigns:
+                raise ComposeoptError(_assigns_not_last(rule))
         self.rules: tuple[Rule, ...] = rules
+
+    @property
+    def assigns(self) -> bool:  # type: ignore[override]
+        return bool(self.rules) and self.rules[-1].assigns
 
     def init(self, x: Any) -> tuple[Any, ...]:
         return tuple(rule.init(x) for rule in self.rules)
@@ -58,17 +69,41 @@ class Optimiser(Rule):
         return [tuple(rule_states[i] for rule_states in per_rule) for i in range(len(xs))]
 
     def apply_(self, state: Any, x: Any, dx: Any) -> Any:
-        for rule, rule_state in zip(self.rules, state):
+        last = len(self.rules) - 1
+        for k, (rule, rule_state) in enumerate(zip(self.rules, state)):
             dx = rule.apply_(rule_state, x, dx)
+            if dx is None:
+                return None
+            if k < last and type(dx) is Replace:
+                raise ComposeoptError(_assigns_not_last(rule))
         return dx
 
     def apply_tree_(
         self, states: Sequence[Any], xs: Sequence[Any], dxs: Sequence[Any], paths: Sequence[str]
     ) -> list[Any]:
-        dxs = list(dxs)
+        out = list(dxs)
+        live = range(len(xs))  # the parameters still in the chain
+        last = len(self.rules) - 1
         for k, rule in enumerate(self.rules):
-            dxs = rule.apply_tree_([state[k] for state in states], xs, dxs, paths)
-        return dxs
+            if len(live) == len(xs):  # the common case: no parameter has left
+                out = rule.apply_tree_([state[k] for state in states], xs, out, paths)
+            else:
+                results = rule.apply_tree_(
+                    [states[i][k] for i in live],
+                    [xs[i] for i in live],
+                    [out[i] for i in live],
+                    [paths[i] for i in live],
+                )
+                for i, result in zip(live, results):
+                    out[i] = result
+            if k < last:
+                if any(type(out[i]) is Replace for i in live):
+                    raise ComposeoptError(_assigns_not_last(rule))
+                if any(out[i] is None for i in live):
+                    live = [i for i in live if out[i] is not None]
+                    if not live:
+                        break
+        return out
 
     def begin_step(self, step: int) -> None:
         for rule in self.rules:
@@ -97,3 +132,10 @@ class Optimiser(Rule):
 
 
 OptimiserChain = Optimiser
+
+
+def _assigns_not_last(rule: Rule) -> str:
+    return (
+        f"{rule!r} sets parameters directly (it returns Replace), so it must be the last rule "
+        "of a chain; wrap the chain in it instead"
+    )

@@ -21,7 +21,7 @@ import numpy as np
 from . import _fused
 from ._dispatch import backend_name, is_array, namespace
 from .errors import ShapeMismatchError, UnsupportedArrayError
-from .rule import Rule, State, start_step, walk_rules
+from .rule import Replace, Rule, State, start_step, walk_rules
 from .store import StateStore, copy_state
 from .tree import Path, rebuild, zip_leaves
 
@@ -114,7 +114,10 @@ def update_(opt: Rule, params: T, grads: Any) -> T:
     updates = _step(opt, leaves)
     for leaf, change in zip(leaves, updates):
         x = leaf.x
-        x -= change
+        if type(change) is Replace:
+            x[...] = change.value
+        elif change is not None:  # None: the rule leaves this parameter alone this step
+            x -= change
     return params
 
 
@@ -138,7 +141,10 @@ def update(opt: Rule, params: T, grads: Any) -> T:
     store = state_store(opt)
     new_arrays = {}
     for leaf, change in zip(leaves, updates):
-        new_arrays[id(leaf.x)] = new = _as_array(leaf.x - change)
+        if change is None:
+            continue
+        new = change.value if type(change) is Replace else leaf.x - change
+        new_arrays[id(leaf.x)] = new = _as_array(new)
         store.move(leaf.x, new)
     new_params: T = rebuild(params, lambda x: new_arrays.get(id(x), x))
     return new_params
@@ -293,6 +299,10 @@ def _as_array(value: Any) -> Any:
 
 
 def _checked_update(opt: Rule, leaf: _Leaf, change: Any) -> Any:
+    if change is None:
+        return None
+    if type(change) is Replace:
+        return Replace(_checked_update(opt, leaf, change.value))
     x = leaf.x
     change = _as_array(change)
     if not is_array(change) or namespace(change) is not namespace(x):

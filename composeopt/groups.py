@@ -68,6 +68,10 @@ class Groups(Rule):
         self.groups: tuple[tuple[Selector, Rule], ...] = groups
         self.default = default
 
+    @property
+    def assigns(self) -> bool:  # type: ignore[override]
+        return any(rule.assigns for rule in self._rules())
+
     def _rules(self) -> list[Rule]:
         rules = [rule for _, rule in self.groups]
         return rules + [self.default] if self.default is not None else rules

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 from .errors import ComposeoptError
 from .hyper import REQUIRED, Hyper, follow_schedules, settings
 
-__all__ = ["Rule", "State", "walk_rules", "start_step"]
+__all__ = ["Rule", "State", "Replace", "walk_rules", "start_step"]
 
 
 class State(SimpleNamespace):
@@ -34,6 +34,38 @@ class State(SimpleNamespace):
     """
 
 
+class Replace:
+    """An update that sets the parameter to `value` instead of being subtracted from it.
+
+    Most rules return an array Δ and the engine does `x -= Δ`.  A rule
+    that keeps its own copy of the parameter ([MixedPrecision][composeopt.MixedPrecision]'s
+    float32 master, [Lookahead][composeopt.Lookahead]'s slow weights) returns
+    `Replace(value)` instead, so that `x` becomes exactly `value` (cast to
+    `x`'s dtype) rather than `x - (x - value)` with its rounding.  Such a rule
+    sets `assigns = True` and must come last in a chain: there is no gradient
+    left for a later rule.
+
+    Examples:
+        >>> import numpy as np, composeopt as co
+        >>> class Reset(co.Rule):
+        ...     assigns = True
+        ...     def apply_(self, state, x, dx):
+        ...         return co.Replace(co.namespace(x).zeros_like(x))
+        >>> x = np.array([1.5, -2.0])
+        >>> _ = co.update_(Reset(), x, np.ones(2))
+        >>> print(x)
+        [0. 0.]
+    """
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def __repr__(self) -> str:
+        return f"Replace({self.value!r})"
+
+
 class Rule:
     """Base class of every optimisation rule.
 
@@ -45,7 +77,9 @@ class Rule:
     * `apply_(state, x, dx)` returns the update that the engine subtracts from
       `x`.  It may mutate `state` and `dx` (the engine passes its own copy of
       the gradient), must not mutate `x`, and must not return an array that it
-      keeps in its state (a later rule in a chain may overwrite it).
+      keeps in its state (a later rule in a chain may overwrite it).  It may
+      also return `None` (leave `x` alone this step; later rules in a chain do
+      not see it) or a [Replace][composeopt.Replace] (set `x` to a value).
 
     The constructor takes the hyperparameters positionally in declaration order
     or by name; `repr` and `==` are derived from them.  See
@@ -68,6 +102,9 @@ class Rule:
     """Whether `apply_` may raise on input that passed the engine's checks.
     The engine then copies this step's state first, so that a failing step leaves
     every state as it was.  Built-in rules that cannot fail set it to `False`."""
+
+    assigns: ClassVar[bool] = False
+    """Whether `apply_` may return a [Replace][composeopt.Replace]; such a rule must be last in a chain."""
 
     _hyper_names: ClassVar[tuple[str, ...]] = ()
 

@@ -121,3 +121,87 @@ def test_global_norm_of_float16_gradients_does_not_overflow():
     co.update_(co.ClipGlobalNorm(1.0), x, np.full(4, 300.0, dtype=np.float16))  # sum of squares 360000
     assert x.dtype == np.float16
     np.testing.assert_allclose(x.astype(np.float64), -0.5, rtol=1e-3)
+
+
+# --- rules that skip a parameter (None) or set it (Replace) -----------------------
+
+
+class _SkipOdd(co.Rule):
+    """Returns None on odd optimiser steps, the gradient otherwise."""
+
+    def init(self, x):
+        return co.State(calls=0)
+
+    def apply_(self, state, x, dx):
+        state.calls += 1
+        return None if state.calls % 2 else dx
+
+
+class _SetTo(co.Rule):
+    assigns = True
+    value = co.Hyper(0.0)
+
+    def apply_(self, state, x, dx):
+        return co.Replace(co.namespace(x).full_like(x, self.value))
+
+
+def test_none_leaves_the_parameter_alone_and_stops_the_chain():
+    counted = co.Momentum(0.1)
+    opt = co.Optimiser(_SkipOdd(), counted)
+    x = np.array([1.0, 2.0])
+    co.update_(opt, x, np.ones(2))
+    np.testing.assert_array_equal(x, [1.0, 2.0])
+    assert co.state_store(opt).get(x)[1].v.tolist() == [0.0, 0.0]  # Momentum never ran
+    co.update_(opt, x, np.ones(2))
+    np.testing.assert_allclose(x, [0.9, 1.9])
+
+
+def test_none_in_a_tree_only_drops_that_parameter():
+    class SkipB(co.Rule):
+        def apply_tree_(self, states, xs, dxs, paths):
+            return [None if path.endswith("['b']") else dx for dx, path in zip(dxs, paths)]
+
+    seen = []
+
+    class Record(co.Rule):
+        def apply_tree_(self, states, xs, dxs, paths):
+            seen.extend(paths)
+            return list(dxs)
+
+    params = {"a": np.ones(2), "b": np.ones(2)}
+    co.update_(co.Optimiser(SkipB(), Record(), co.Descent(0.5)), params, {"a": np.ones(2), "b": np.ones(2)})
+    assert seen == ["params['a']"]
+    np.testing.assert_array_equal(params["a"], [0.5, 0.5])
+    np.testing.assert_array_equal(params["b"], [1.0, 1.0])
+    new = co.update(co.Optimiser(SkipB(), co.Descent(0.5)), params, {"a": np.ones(2), "b": np.ones(2)})
+    assert new["b"] is params["b"]
+    np.testing.assert_array_equal(new["a"], [0.0, 0.0])
+
+
+def test_replace_sets_the_parameter_exactly_in_place_and_functionally():
+    x = np.array([1.0, -3.0], dtype=np.float16)
+    co.update_(_SetTo(0.1), x, np.ones(2, dtype=np.float16))
+    assert x.dtype == np.float16 and x.tolist() == [np.float16(0.1)] * 2
+    y = np.array([5.0])
+    new = co.update(co.Optimiser(co.ClipValue(1.0), _SetTo(2.0)), y, np.ones(1))
+    assert y.tolist() == [5.0] and new.tolist() == [2.0]
+
+
+def test_a_rule_that_assigns_must_be_last_in_a_chain():
+    with pytest.raises(co.errors.ComposeoptError, match="last rule"):
+        co.Optimiser(_SetTo(), co.Descent())
+    assert co.Optimiser(co.Descent(), _SetTo()).assigns
+    with pytest.raises(co.errors.ComposeoptError, match="last rule"):
+        co.Optimiser(co.Optimiser(_SetTo()), co.Descent())
+
+
+def test_an_undeclared_replace_before_the_end_raises_before_anything_changes():
+    class Sneaky(_SetTo):
+        assigns = False
+
+    opt, x = co.Optimiser(Sneaky(), co.Descent()), np.ones(2)
+    with pytest.raises(co.errors.ComposeoptError, match="last rule"):
+        co.update_(opt, x, np.ones(2))
+    np.testing.assert_array_equal(x, [1.0, 1.0])
+    with pytest.raises(co.errors.ComposeoptError, match="last rule"):
+        co.update_(opt, {"w": x}, {"w": np.ones(2)})
