@@ -82,7 +82,7 @@ class Optimiser(Rule):
         self, states: Sequence[Any], xs: Sequence[Any], dxs: Sequence[Any], paths: Sequence[str]
     ) -> list[Any]:
         out = list(dxs)
-        live = range(len(xs))  # the parameters still in the chain
+        live: Sequence[int] = range(len(xs))  # the parameters still in the chain
         last = len(self.rules) - 1
         for k, rule in enumerate(self.rules):
             if len(live) == len(xs):  # the common case: no parameter has left
