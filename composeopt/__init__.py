@@ -28,7 +28,9 @@ from .rules.adam import AdaBelief, Adam, AdaMax, AdamW, AMSGrad, NAdam, OAdam, R
 from .rules.adaptive import AdaDelta, AdaGrad, RMSProp
 from .rules.clip import ClipGlobalNorm, ClipGrad, ClipNorm, ClipValue
 from .rules.decay import ExpDecay, InvDecay, WeightDecay
-from .rules.sgd import Descent, Momentum, Nesterov
+from .rules.precision import MixedPrecision
+from .rules.sgd import SGD, Descent, Momentum, Nesterov
+from .rules.steps import AccumGrad, SkipNonFinite
 from .schedules import *  # noqa: F403 - every schedule, listed in schedules.__all__
 
 # Flux's upper-case names from before Optimisers.jl.
@@ -91,6 +93,12 @@ __all__ = [
     "ClipGlobalNorm",
     "Optimiser",
     "Groups",
+    # steps, precision
+    "AccumGrad",
+    "SkipNonFinite",
+    "MixedPrecision",
+    # factories: chains of the rules above
+    "SGD",
     # aliases
     "OptimiserChain",
     "ClipGrad",

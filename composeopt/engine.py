@@ -21,8 +21,8 @@ import numpy as np
 from . import _fused
 from ._dispatch import backend_name, is_array, namespace
 from .errors import ShapeMismatchError, UnsupportedArrayError
-from .rule import Replace, Rule, State, start_step, walk_rules
-from .store import StateStore, copy_state
+from .rule import Replace, Rule, start_step, walk_rules
+from .store import StateStore, copy_state, zero_d_arrays
 from .tree import Path, rebuild, zip_leaves
 
 __all__ = ["update_", "update", "state_store", "reset_"]
@@ -184,7 +184,7 @@ def _collect(opt: Rule, params: Any, grads: Any, copy: bool = True) -> list[_Lea
 
 def _is_real_floating(xp: Any, dtype: Any) -> bool:
     if isinstance(dtype, np.dtype):  # NumPy's and CuPy's dtypes: cheaper than isdtype
-        return dtype.kind == "f"
+        return dtype.kind == "f" or dtype.name == "bfloat16"  # ml_dtypes' bfloat16 has kind "V"
     return bool(xp.isdtype(dtype, "real floating"))
 
 
@@ -268,29 +268,9 @@ def _step(opt: Rule, leaves: list[_Leaf]) -> list[Any]:
     store.step = step
     for leaf, state in zip(leaves, states):
         if isinstance(leaf.x, np.ndarray) and leaf.x.ndim == 0:
-            state = _zero_d_arrays(state, leaf.x.dtype)
+            state = zero_d_arrays(state, leaf.x.dtype)
         store.set(leaf.x, state)
     return updates
-
-
-def _zero_d_arrays(state: Any, dtype: Any) -> Any:
-    """Turn NumPy scalars in a 0-d parameter's state back into 0-d arrays of its dtype.
-
-    NumPy computes on 0-d arrays as on scalars and returns `np.float64`-style
-    scalars; NumPy 1.x also widens them (float32 scalar * Python float is
-    float64).  Left alone, the state would drift from the parameter's dtype.
-    """
-    if isinstance(state, np.generic):
-        return np.asarray(state, dtype=dtype)
-    if isinstance(state, State):
-        for name, value in vars(state).items():
-            setattr(state, name, _zero_d_arrays(value, dtype))
-        return state
-    if isinstance(state, tuple) and not hasattr(state, "_fields"):
-        return tuple(_zero_d_arrays(item, dtype) for item in state)
-    if isinstance(state, list):
-        return [_zero_d_arrays(item, dtype) for item in state]
-    return state
 
 
 def _as_array(value: Any) -> Any:

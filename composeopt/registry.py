@@ -18,7 +18,9 @@ from .rules.adam import AdaBelief, Adam, AdaMax, AdamW, AMSGrad, NAdam, OAdam, R
 from .rules.adaptive import AdaDelta, AdaGrad, RMSProp
 from .rules.clip import ClipGlobalNorm, ClipNorm, ClipValue
 from .rules.decay import ExpDecay, InvDecay, WeightDecay
-from .rules.sgd import Descent, Momentum, Nesterov
+from .rules.precision import MixedPrecision
+from .rules.sgd import SGD, Descent, Momentum, Nesterov
+from .rules.steps import AccumGrad, SkipNonFinite
 from .schedules import CosineAnnealing, Linear, Step, Warmup
 
 __all__ = ["RULES", "ALIASES", "CASES"]
@@ -48,6 +50,9 @@ RULES: dict[str, type[Rule]] = {
         ClipGlobalNorm,
         Optimiser,
         Groups,
+        AccumGrad,
+        SkipNonFinite,
+        MixedPrecision,
     )
 }
 
@@ -103,6 +108,22 @@ CASES: dict[str, Callable[[], Rule]] = {
     "Adam(eta=Warmup(CosineAnnealing))": lambda: Adam(eta=Warmup(CosineAnnealing(1e-2, 20), 5)),
     "Optimiser(WeightDecay(Step), Momentum(rho=Linear))": lambda: Optimiser(
         WeightDecay(Step(1e-3, 5, 0.5)), Momentum(0.05, rho=Linear(0.5, 0.9, 10))
+    ),
+    "AccumGrad(2)": lambda: AccumGrad(2),
+    "Optimiser(AccumGrad(3), Adam)": lambda: Optimiser(AccumGrad(3), Adam(1e-2)),
+    "Optimiser(ClipValue, AccumGrad(2), ClipGlobalNorm, Momentum)": lambda: Optimiser(
+        ClipValue(5.0), AccumGrad(2), ClipGlobalNorm(1.0), Momentum(0.05)
+    ),
+    "SkipNonFinite(Adam)": lambda: SkipNonFinite(Adam(1e-2)),
+    "SkipNonFinite(Optimiser(ClipGlobalNorm, Momentum), max_consecutive=3)": lambda: SkipNonFinite(
+        Optimiser(ClipGlobalNorm(1.0), Momentum(0.05)), 3
+    ),
+    "MixedPrecision(Adam)": lambda: MixedPrecision(Adam(1e-2)),
+    "MixedPrecision(Optimiser(WeightDecay, Momentum), float64)": lambda: MixedPrecision(
+        Optimiser(WeightDecay(1e-3), Momentum(0.05)), "float64"
+    ),
+    "SGD(momentum, nesterov, weight_decay)": lambda: SGD(
+        0.05, momentum=0.9, nesterov=True, weight_decay=1e-3
     ),
     "Groups(b: Adam, default: AdamW)": lambda: Groups(("b", Adam(1e-2)), default=AdamW(1e-2, lambda_=0.01)),
     "Optimiser(ClipGlobalNorm, Groups(W: Momentum, default: Descent))": lambda: Optimiser(

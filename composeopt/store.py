@@ -13,11 +13,13 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+
 from ._dispatch import copy as copy_array
 from ._dispatch import is_array, namespace
 from .rule import State
 
-__all__ = ["IdentityMap", "StateStore", "copy_state"]
+__all__ = ["IdentityMap", "StateStore", "copy_state", "zero_d_arrays"]
 
 _MISSING: Any = object()
 
@@ -124,3 +126,23 @@ def copy_state(state: Any) -> Any:
     if isinstance(state, dict):
         return {key: copy_state(value) for key, value in state.items()}
     return copy.deepcopy(state)
+
+
+def zero_d_arrays(state: Any, dtype: Any) -> Any:
+    """Turn NumPy scalars in a 0-d parameter's state back into 0-d arrays of its dtype.
+
+    NumPy computes on 0-d arrays as on scalars and returns `np.float64`-style
+    scalars; NumPy 1.x also widens them (float32 scalar * Python float is
+    float64).  Left alone, the state would drift from the parameter's dtype.
+    """
+    if isinstance(state, np.generic):
+        return np.asarray(state, dtype=dtype)
+    if isinstance(state, State):
+        for name, value in vars(state).items():
+            setattr(state, name, zero_d_arrays(value, dtype))
+        return state
+    if isinstance(state, tuple) and not hasattr(state, "_fields"):
+        return tuple(zero_d_arrays(item, dtype) for item in state)
+    if isinstance(state, list):
+        return [zero_d_arrays(item, dtype) for item in state]
+    return state

@@ -32,6 +32,14 @@ GENERIC_ONLY = {
     # Groups route parameters by path to different rules (issue 4); they take the generic path.
     "Groups(b: Adam, default: AdamW)": "parameter groups",
     "Optimiser(ClipGlobalNorm, Groups(W: Momentum, default: Descent))": "parameter groups",
+    # Rules that decide per step whether (and how) a parameter changes (issue 3).
+    "AccumGrad(2)": "skips steps",
+    "Optimiser(AccumGrad(3), Adam)": "skips steps",
+    "Optimiser(ClipValue, AccumGrad(2), ClipGlobalNorm, Momentum)": "skips steps",
+    "SkipNonFinite(Adam)": "skips steps",
+    "SkipNonFinite(Optimiser(ClipGlobalNorm, Momentum), max_consecutive=3)": "skips steps",
+    "MixedPrecision(Adam)": "master copy",
+    "MixedPrecision(Optimiser(WeightDecay, Momentum), float64)": "master copy",
 }
 """Registry cases without a fast path, and why.  A new elementwise rule must get a ``fused``
 kernel or be listed here (with its reason): the first test fails otherwise."""

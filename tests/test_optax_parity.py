@@ -228,6 +228,11 @@ CASES = [
         lambda: co.Optimiser(co.Adam(0.05), co.ClipValue(0.02)),
         lambda: optax.chain(optax.adam(0.05), optax.clip(0.02)),
     ),
+    (
+        "SGD(momentum,weight_decay)~chain(add_decayed_weights,sgd)",
+        lambda: co.SGD(0.02, momentum=0.8, weight_decay=0.1),
+        lambda: optax.chain(optax.add_decayed_weights(0.1), optax.sgd(0.02, momentum=0.8)),
+    ),
 ]
 
 

@@ -6,10 +6,13 @@ from typing import Any
 
 from .._dispatch import namespace
 from .._fused.kernel import Kernel
+from ..chain import Optimiser
+from ..errors import HyperparameterError
 from ..hyper import Hyper, nonnegative, unit_interval
 from ..rule import Rule, State
+from .decay import WeightDecay
 
-__all__ = ["Descent", "Momentum", "Nesterov"]
+__all__ = ["Descent", "Momentum", "Nesterov", "SGD"]
 
 
 def _eta(rule: Descent, state: Any, dtype: Any) -> dict[str, float]:
@@ -133,3 +136,45 @@ class Nesterov(Rule):
         state.v *= rho
         state.v -= eta * dx
         return change
+
+
+def SGD(eta: float = 0.001, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0) -> Rule:
+    r"""torch's `SGD` as a composeopt rule: `SGD(eta=0.001, momentum=0.0, nesterov=False, weight_decay=0.0)`.
+
+    A convenience for users of `torch.optim.SGD` and `optax.sgd`: it builds
+    the rule (or chain) of existing rules that takes the same steps, and adds
+    no code path of its own:
+
+    | arguments | rule |
+    |---|---|
+    | `SGD(eta)` | `Descent(eta)` |
+    | `SGD(eta, momentum=rho)` | `Momentum(eta, rho)` |
+    | `SGD(eta, momentum=rho, nesterov=True)` | `Nesterov(eta, rho)` |
+    | `SGD(eta, ..., weight_decay=lam)` | `Optimiser(WeightDecay(lam), ...)` |
+
+    Args:
+        eta: learning rate (torch's `lr`, default 0.001 as torch's).
+        momentum: momentum $\rho \in [0, 1)$; 0 for plain descent.
+        nesterov: Nesterov momentum (needs `momentum > 0`).
+        weight_decay: L2 penalty $\lambda$ added to the gradient, as torch's.
+
+    Same as `torch.optim.SGD(lr=eta, momentum=momentum, nesterov=nesterov,
+    weight_decay=weight_decay)` (with `dampening=0`, and a constant `eta` when
+    `momentum > 0`, see [Momentum][composeopt.Momentum]) and
+    `optax.sgd(eta, momentum, nesterov)` chained after `optax.add_decayed_weights(weight_decay)`.
+
+    Examples:
+        >>> import composeopt as co
+        >>> co.SGD(0.1, momentum=0.9, weight_decay=1e-4)
+        Optimiser(WeightDecay(lambda_=0.0001), Momentum(eta=0.1, rho=0.9))
+    """
+    if nesterov and not momentum:
+        raise HyperparameterError("SGD: nesterov=True needs momentum > 0")
+    step: Rule
+    if nesterov:
+        step = Nesterov(eta, momentum)
+    elif momentum:
+        step = Momentum(eta, momentum)
+    else:
+        step = Descent(eta)
+    return Optimiser(WeightDecay(weight_decay), step) if weight_decay else step
