@@ -24,11 +24,13 @@ from .flat import Flat, flatten
 from .groups import Groups
 from .hyper import Hyper
 from .rule import Rule, State
-from .rules.adam import AdaBelief, Adam, AdaMax, AdamW, AMSGrad, NAdam, OAdam, RAdam
+from .rules.adam import AdaBelief, Adam, AdaMax, AdamW, Adan, AMSGrad, NAdam, OAdam, RAdam, Yogi
 from .rules.adaptive import AdaDelta, AdaGrad, RMSProp
 from .rules.clip import ClipGlobalNorm, ClipGrad, ClipNorm, ClipValue
 from .rules.decay import ExpDecay, InvDecay, WeightDecay
+from .rules.ftrl import FTRL
 from .rules.sgd import Descent, Momentum, Nesterov
+from .rules.sign import Lion, Rprop, SignDecay
 from .schedules import *  # noqa: F403 - every schedule, listed in schedules.__all__
 
 # Flux's upper-case names from before Optimisers.jl.
@@ -90,6 +92,12 @@ __all__ = [
     "ClipGlobalNorm",
     "Optimiser",
     "Groups",
+    "Rprop",
+    "Lion",
+    "SignDecay",
+    "Yogi",
+    "Adan",
+    "FTRL",
     # aliases
     "OptimiserChain",
     "ClipGrad",
