@@ -24,12 +24,14 @@ from .flat import Flat, flatten
 from .groups import Groups
 from .hyper import Hyper
 from .rule import Replace, Rule, State
-from .rules.adam import AdaBelief, Adam, AdaMax, AdamW, AMSGrad, NAdam, OAdam, RAdam
+from .rules.adam import AdaBelief, Adam, AdaMax, AdamW, Adan, AMSGrad, NAdam, OAdam, RAdam, Yogi
 from .rules.adaptive import AdaDelta, AdaGrad, RMSProp
 from .rules.clip import ClipGlobalNorm, ClipGrad, ClipNorm, ClipValue
 from .rules.decay import ExpDecay, InvDecay, WeightDecay
+from .rules.ftrl import FTRL
 from .rules.precision import MixedPrecision
 from .rules.sgd import SGD, Descent, Momentum, Nesterov
+from .rules.sign import Lion, Rprop, SignDecay
 from .rules.steps import AccumGrad, SkipNonFinite
 from .schedules import *  # noqa: F403 - every schedule, listed in schedules.__all__
 
@@ -93,6 +95,12 @@ __all__ = [
     "ClipGlobalNorm",
     "Optimiser",
     "Groups",
+    "Rprop",
+    "Lion",
+    "SignDecay",
+    "Yogi",
+    "Adan",
+    "FTRL",
     # steps, precision
     "AccumGrad",
     "SkipNonFinite",

@@ -14,12 +14,14 @@ from collections.abc import Callable
 from .chain import Optimiser
 from .groups import Groups
 from .rule import Rule
-from .rules.adam import AdaBelief, Adam, AdaMax, AdamW, AMSGrad, NAdam, OAdam, RAdam
+from .rules.adam import AdaBelief, Adam, AdaMax, AdamW, Adan, AMSGrad, NAdam, OAdam, RAdam, Yogi
 from .rules.adaptive import AdaDelta, AdaGrad, RMSProp
 from .rules.clip import ClipGlobalNorm, ClipNorm, ClipValue
 from .rules.decay import ExpDecay, InvDecay, WeightDecay
+from .rules.ftrl import FTRL
 from .rules.precision import MixedPrecision
 from .rules.sgd import SGD, Descent, Momentum, Nesterov
+from .rules.sign import Lion, Rprop, SignDecay
 from .rules.steps import AccumGrad, SkipNonFinite
 from .schedules import CosineAnnealing, Linear, Step, Warmup
 
@@ -53,6 +55,12 @@ RULES: dict[str, type[Rule]] = {
         AccumGrad,
         SkipNonFinite,
         MixedPrecision,
+        Rprop,
+        Lion,
+        SignDecay,
+        Yogi,
+        Adan,
+        FTRL,
     )
 }
 
@@ -129,4 +137,17 @@ CASES: dict[str, Callable[[], Rule]] = {
     "Optimiser(ClipGlobalNorm, Groups(W: Momentum, default: Descent))": lambda: Optimiser(
         ClipGlobalNorm(2.0), Groups(("W", Momentum(0.05)), default=Descent(0.05))
     ),
+    "Rprop()": Rprop,
+    "Rprop(0.05, ell=(0.3, 1.5), gamma=(1e-3, 0.2))": lambda: Rprop(0.05, (0.3, 1.5), (1e-3, 0.2)),
+    # Lion moves each element by exactly eta: at its default 1e-4 a float16 parameter near 1
+    # (spacing 1e-3) would not move at all.
+    "Lion(eta=0.01)": lambda: Lion(eta=0.01),
+    "SignDecay()": SignDecay,
+    "Optimiser(SignDecay, Lion)": lambda: Optimiser(SignDecay(0.1), Lion(0.01, (0.5, 0.9))),
+    "Yogi()": Yogi,
+    "Adan()": Adan,
+    "Adan(0.01, lambda_=0.1)": lambda: Adan(0.01, lambda_=0.1),
+    "FTRL()": FTRL,
+    "FTRL(0.1, l1=0.01, l2=0.1)": lambda: FTRL(0.1, l1=0.01, l2=0.1),
+    "FTRL(lr_power=-0.7)": lambda: FTRL(lr_power=-0.7),
 }

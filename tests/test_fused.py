@@ -40,6 +40,8 @@ GENERIC_ONLY = {
     "SkipNonFinite(Optimiser(ClipGlobalNorm, Momentum), max_consecutive=3)": "skips steps",
     "MixedPrecision(Adam)": "master copy",
     "MixedPrecision(Optimiser(WeightDecay, Momentum), float64)": "master copy",
+    # The kernel language has no power function: FTRL's fast path is lr_power = -1/2 (a sqrt).
+    "FTRL(lr_power=-0.7)": "FTRL with a power other than -1/2",
 }
 """Registry cases without a fast path, and why.  A new elementwise rule must get a ``fused``
 kernel or be listed here (with its reason): the first test fails otherwise."""
@@ -367,6 +369,23 @@ def test_kernel_scalars_are_the_names_it_reads():
     kernel = co.Adam.fused
     assert set(kernel.scalar_names) == {"b1", "keep1", "b2", "keep2", "eta", "c1", "c2", "eps"}
     assert not kernel.reads_x and co.WeightDecay.fused.reads_x
+
+
+SIGNS = [-0.0, 0.0, math.nan, -3.0, 2.5, math.inf, -math.inf, 1e-30, -1e-30]
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_kernel_sign_is_numpys_sign(mode, dtype):
+    """-1, 0 or 1, NaN for NaN, and +0 for -0 (numba's own sign keeps -0)."""
+    kernel = Kernel("return sign(dx) * one", lambda rule, state, dtype: {"one": 1.0})
+    g = np.array(SIGNS, dtype=dtype)
+    out = np.empty_like(g)
+    backend = _fused._backend(g)
+    backend.run_stage(
+        (kernel,), False, False, [(g, np.zeros_like(g), out, backend.vector([1.0], None, dtype))]
+    )
+    np.testing.assert_array_equal(out, np.sign(g))
+    np.testing.assert_array_equal(np.signbit(out), np.signbit(np.sign(g)))
 
 
 # --- flat buffers ---------------------------------------------------------------

@@ -21,6 +21,7 @@ import pytest
 
 from composeopt import _fused
 from composeopt._fused import numpy_backend
+from composeopt._fused.kernel import Kernel
 from composeopt.registry import CASES
 
 GXX = shutil.which("g++")
@@ -138,3 +139,16 @@ def test_cuda_body_computes_what_the_numpy_program_computes(
     )
     for got, want in zip(actual[1:], expected[1:]):
         np.testing.assert_allclose(got, want, rtol=1e-13, atol=1e-15)
+
+
+def test_cuda_sign_is_numpys_sign(cupy_backend_source, tmp_path):
+    """co_sign: -1, 0 or 1, NaN for NaN and +0 for -0, as np.sign."""
+    kernel = Kernel("return sign(dx) * one", lambda rule, state, dtype: {"one": 1.0})
+    run, _ = _compile(cupy_backend_source.stage_kernel((kernel,), False, False), tmp_path)
+    g = np.array([-0.0, 0.0, np.nan, -3.0, 2.5, np.inf, -np.inf, 1e-300, -1e-300])
+    x, out, k = np.zeros_like(g), np.empty_like(g), np.array([1.0])
+    double_p = ctypes.POINTER(ctypes.c_double)
+    states = (double_p * 1)()
+    run(ctypes.c_long(len(g)), *(a.ctypes.data_as(double_p) for a in (g, x, out, k)), states)
+    np.testing.assert_array_equal(out, np.sign(g))
+    np.testing.assert_array_equal(np.signbit(out), np.signbit(np.sign(g)))

@@ -12,7 +12,10 @@ and its optimiser aliases already scale by ``-learning_rate``; composeopt
 
 Rules without a same-convention optax twin get formula tests only
 (``tests/test_formulas.py``): NAdam (optax has no ``b2`` inside the root),
-AMSGrad (optax bias-corrects), OAdam, ExpDecay, InvDecay, ClipNorm.
+AMSGrad (optax bias-corrects), OAdam, ExpDecay, InvDecay, ClipNorm, Rprop (optax
+0.2.8 returns each update one step late; torch is its twin in ``test_rules_sign.py``),
+FTRL (no optax twin; ``test_rules_ftrl.py``).  Adan is compared for ``b2 = 0.5``
+only, the one value where optax's coefficient agrees with the paper's.
 """
 
 from __future__ import annotations
@@ -232,6 +235,52 @@ CASES = [
         "SGD(momentum,weight_decay)~chain(add_decayed_weights,sgd)",
         lambda: co.SGD(0.02, momentum=0.8, weight_decay=0.1),
         lambda: optax.chain(optax.add_decayed_weights(0.1), optax.sgd(0.02, momentum=0.8)),
+    ),
+    # optax's default weight decay is 1e-3: pass 0.
+    ("Lion-default~lion(wd=0)", lambda: co.Lion(), lambda: optax.lion(1e-4, weight_decay=0.0)),
+    (
+        "Lion~lion(b1=0.8,b2=0.95,wd=0)",
+        lambda: co.Lion(0.01, (0.8, 0.95)),
+        lambda: optax.lion(0.01, b1=0.8, b2=0.95, weight_decay=0.0),
+    ),
+    # optax scales its weight decay by the learning rate, after the sign
+    (
+        "Lion+WeightDecay~lion(wd)",
+        lambda: co.Optimiser(co.Lion(0.01, (0.8, 0.95)), co.WeightDecay(0.01 * 0.5)),
+        lambda: optax.lion(0.01, b1=0.8, b2=0.95, weight_decay=0.5),
+    ),
+    (
+        "SignDecay+Lion~chain(add_decayed_weights(sign),lion)",
+        lambda: co.Optimiser(co.SignDecay(0.3), co.Lion(0.01)),
+        lambda: optax.chain(
+            optax.stateless(lambda g, p: jax.tree.map(lambda g, p: g + 0.3 * jnp.sign(p), g, p)),
+            optax.lion(0.01, weight_decay=0.0),
+        ),
+    ),
+    ("Yogi-default~yogi", lambda: co.Yogi(), lambda: optax.yogi(0.01)),
+    (
+        "Yogi~yogi(b1=0.8,b2=0.95,eps=1e-6)",
+        lambda: co.Yogi(0.05, (0.8, 0.95), 1e-6),
+        lambda: optax.yogi(0.05, b1=0.8, b2=0.95, eps=1e-6),
+    ),
+    (
+        "Yogi-initial~chain(scale_by_yogi(initial_accumulator_value),scale)",
+        lambda: co.Yogi(0.05, (0.8, 0.95), 1e-6, initial_accumulator=0.5),
+        lambda: optax.chain(
+            optax.scale_by_yogi(0.8, 0.95, 1e-6, initial_accumulator_value=0.5), optax.scale(-0.05)
+        ),
+    ),
+    # optax 0.2.8 weights Adan's gradient difference by 1 - b2 where the paper has b2
+    # (google-deepmind/optax#1715): the two agree for b2 = 0.5 only.
+    (
+        "Adan(b2=0.5)~adan",
+        lambda: co.Adan(0.01, (0.98, 0.5, 0.99)),
+        lambda: optax.adan(0.01, b1=0.98, b2=0.5, b3=0.99),
+    ),
+    (
+        "Adan(b2=0.5,eps,lambda)~adan(eps_root=eps,weight_decay)",
+        lambda: co.Adan(0.02, (0.9, 0.5, 0.95), 1e-6, 0.1),
+        lambda: optax.adan(0.02, b1=0.9, b2=0.5, b3=0.95, eps=1e-6, eps_root=1e-6, weight_decay=0.1),
     ),
 ]
 

@@ -33,8 +33,17 @@ __all__ = ["CupyBackend", "stage_kernel", "cuda_expression"]
 _PREAMBLE = """
 template <typename T> __device__ T co_maximum(T a, T b) { return (a > b || a != a) ? a : b; }
 template <typename T> __device__ T co_minimum(T a, T b) { return (a < b || a != a) ? a : b; }
+template <typename T> __device__ T co_sign(T a) {
+    return a > T(0) ? T(1) : (a < T(0) ? T(-1) : (a == T(0) ? T(0) : a));
+}
 """
-_CALLS = {"sqrt": "sqrt", "abs": "fabs", "maximum": "co_maximum", "minimum": "co_minimum"}
+_CALLS = {
+    "sqrt": "sqrt",
+    "abs": "fabs",
+    "sign": "co_sign",
+    "maximum": "co_maximum",
+    "minimum": "co_minimum",
+}
 _OPERATORS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.Div: "/"}
 
 

@@ -16,9 +16,9 @@ The math is a small subset of Python, on purpose:
   the host function provides, cast to the array's dtype;
 * statements are plain assignments `name = expression`, and the last one is
   `return expression`: the update that leaves the rule;
-* expressions use `+ - * /`, unary `-`, `sqrt`, `abs`, `maximum`,
-  `minimum` (NaN-propagating, as NumPy's) and `a if flag else b` with a
-  scalar `flag`;
+* expressions use `+ - * /`, unary `-`, `sqrt`, `abs`, `sign` (-1, 0 or
+  +1, NaN for NaN, as NumPy's), `maximum`, `minimum` (NaN-propagating, as
+  NumPy's) and `a if flag else b` with a scalar `flag`;
 * there are no numeric literals: a constant is a scalar from the host, so that
   every operation happens in the array's dtype, in the order written, as the
   rule's generic `apply_` does it.  This is what makes the fast path equal to
@@ -38,7 +38,7 @@ from typing import Any
 
 __all__ = ["Kernel", "NormClip", "FUNCTIONS"]
 
-FUNCTIONS = {"sqrt": 1, "abs": 1, "maximum": 2, "minimum": 2}
+FUNCTIONS = {"sqrt": 1, "abs": 1, "sign": 1, "maximum": 2, "minimum": 2}
 """The functions kernel math may call, with their number of arguments."""
 
 _OPERATORS = (ast.Add, ast.Sub, ast.Mult, ast.Div)

@@ -32,7 +32,13 @@ each NumPy call has enough elements to hide its overhead (and to let the threads
 the GIL)."""
 
 _UFUNCS = {ast.Add: "np.add", ast.Sub: "np.subtract", ast.Mult: "np.multiply", ast.Div: "np.divide"}
-_CALLS = {"sqrt": "np.sqrt", "abs": "np.absolute", "maximum": "np.maximum", "minimum": "np.minimum"}
+_CALLS = {
+    "sqrt": "np.sqrt",
+    "abs": "np.absolute",
+    "sign": "np.sign",
+    "maximum": "np.maximum",
+    "minimum": "np.minimum",
+}
 
 
 @dataclass(frozen=True)

@@ -5,13 +5,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .._dispatch import eps_for, namespace
+from .._dispatch import copy, eps_for, namespace
 from .._fused.kernel import Kernel
-from ..hyper import Hyper, beta_pair, flag, nonnegative
+from ..errors import HyperparameterError
+from ..hyper import Hyper, beta_pair, flag, nonnegative, unit_interval
 from ..rule import Rule, State
 from ._math import bias_corrected_direction, ema
 
-__all__ = ["Adam", "RAdam", "AdaMax", "NAdam", "AMSGrad", "OAdam", "AdamW", "AdaBelief"]
+__all__ = ["Adam", "RAdam", "AdaMax", "NAdam", "AMSGrad", "OAdam", "AdamW", "AdaBelief", "Yogi", "Adan"]
 
 
 def _moments(x: Any) -> State:
@@ -511,3 +512,177 @@ class AdaBelief(Rule):
         state.nu = ema(state.nu, surprise * surprise, b2)
         state.nu += eps
         return self.eta * bias_corrected_direction(namespace(x), state.mu, state.nu, state.t, self.beta, eps)
+
+
+class Yogi(Rule):
+    r"""Yogi: `Yogi(eta=0.01, beta=(0.9, 0.999), epsilon=0.001, initial_accumulator=1e-6)`.
+
+    [Adam][composeopt.Adam] with an additive second moment, which grows or
+    shrinks by at most $(1-\beta_2)\, dx^2$ per step:
+
+    $$m \leftarrow \beta_1 m + (1-\beta_1)\, dx, \qquad
+    v \leftarrow v - (1-\beta_2)\, \operatorname{sign}(v - dx^2)\, dx^2, \qquad
+    \Delta = \eta\, \frac{m / (1-\beta_1^t)}{\sqrt{v / (1-\beta_2^t)} + \epsilon}$$
+
+    with $m$ and $v$ starting at `initial_accumulator`, and the bias correction
+    of optax (the paper's algorithm has none).
+
+    Args:
+        eta: learning rate $\eta \ge 0$.
+        beta: moment decays $(\beta_1, \beta_2)$, each in [0, 1).
+        epsilon: $\epsilon$, outside the square root; by default 1e-3, as in the paper.
+        initial_accumulator: the starting value of $m$ and $v$.
+
+    State: `mu` ($m$), `nu` ($v$) and `t`.
+
+    Same as `optax.yogi(eta, b1, b2, eps=epsilon)` (for another
+    `initial_accumulator`, `optax.scale_by_yogi(b1, b2, epsilon,
+    initial_accumulator_value=...)` followed by `optax.scale(-eta)`).
+
+    Reference: [Zaheer et al. (2018)](https://papers.nips.cc/paper/8186-adaptive-methods-for-nonconvex-optimization)
+    """
+
+    fallible = False
+    eta = Hyper(0.01, nonnegative)
+    beta = Hyper((0.9, 0.999), beta_pair)
+    epsilon = Hyper(0.001, nonnegative)
+    initial_accumulator = Hyper(1e-6, nonnegative)
+    fused = Kernel(
+        f"""
+        mu = b1 * mu + keep1 * dx
+        square = dx * dx
+        nu = nu - keep2 * sign(nu - square) * square
+        return eta * ({_DIRECTION})
+        """,
+        _moment_scalars,
+        state=("mu", "nu"),
+        counter="t",
+    )
+
+    def init(self, x: Any) -> State:
+        xp = namespace(x)
+        start = self.initial_accumulator
+        return State(mu=xp.full_like(x, start), nu=xp.full_like(x, start), t=0)
+
+    def apply_(self, state: State, x: Any, dx: Any) -> Any:
+        xp = namespace(x)
+        b1, b2 = self.beta
+        state.t += 1
+        state.mu = ema(state.mu, dx, b1)
+        square = dx * dx
+        state.nu -= (1 - b2) * xp.sign(state.nu - square) * square
+        eps = eps_for(x.dtype, self.epsilon)
+        return self.eta * bias_corrected_direction(xp, state.mu, state.nu, state.t, self.beta, eps)
+
+
+def beta_triple(value: Any) -> tuple[float, float, float]:
+    """A triple `(beta1, beta2, beta3)` of coefficients in `[0, 1)`."""
+    try:
+        b1, b2, b3 = value
+    except (TypeError, ValueError):
+        raise HyperparameterError(f"expected a triple (beta1, beta2, beta3), got {value!r}") from None
+    return unit_interval(b1), unit_interval(b2), unit_interval(b3)
+
+
+def _adan_scalars(rule: Adan, state: State, dtype: Any) -> dict[str, float]:
+    (b1, b2, b3), t = rule.beta, state.t
+    return {
+        "eta": rule.eta,
+        "lam": rule.lambda_,
+        "later": 0.0 if t == 1 else 1.0,
+        "b1": b1,
+        "keep1": 1 - b1,
+        "b2": b2,
+        "keep2": 1 - b2,
+        "b3": b3,
+        "keep3": 1 - b3,
+        "c1": 1 - b1**t,
+        "c2": 1 - b2**t,
+        "c3": 1 - b3**t,
+        "eps": eps_for(dtype, rule.epsilon),
+    }
+
+
+class Adan(Rule):
+    r"""Adaptive Nesterov momentum:
+    `Adan(eta=0.001, beta=(0.98, 0.92, 0.99), epsilon=1e-8, lambda_=0.0)`.
+
+    With $\delta = dx - dx_{t-1}$ (0 at the first step):
+
+    $$m \leftarrow \beta_1 m + (1-\beta_1)\, dx, \qquad
+    d \leftarrow \beta_2 d + (1-\beta_2)\, \delta, \qquad
+    n \leftarrow \beta_3 n + (1-\beta_3)\, \big(dx + \beta_2 \delta\big)^2$$
+
+    $$\Delta = \eta \left(\frac{\hat m + \beta_2 \hat d}{\sqrt{\hat n + \epsilon} + \epsilon}
+    + \lambda x\right)$$
+
+    where hats are bias-corrected ($\hat m = m / (1-\beta_1^t)$, ...), as in
+    the authors' code and optax.
+
+    Args:
+        eta: learning rate $\eta \ge 0$.
+        beta: decays $(\beta_1, \beta_2, \beta_3)$ of the gradient, its
+            difference and the squared term, each in [0, 1).  The paper writes
+            $1-\beta$ for each: its 0.02, 0.08, 0.01 are these defaults.
+        epsilon: $\epsilon$, inside and outside the square root, as optax's
+            `eps` and `eps_root` (floored for float16).
+        lambda_: weight decay $\lambda \ge 0$, scaled by $\eta$.
+
+    State: `mu` ($m$), `delta` ($d$), `nu` ($n$), `previous` (the last
+    gradient) and `t`.
+
+    Warning:
+        optax 0.2.8's `optax.adan` weights the gradient difference by
+        $1-\beta_2$ where the paper (Algorithm 1, $1-\beta_2$ in its notation)
+        and the authors' code weight it by $\beta_2$ (see google-deepmind/optax#1715).
+        This rule follows the paper; it equals
+        `optax.adan(eta, b1, b2, b3, eps=epsilon, eps_root=epsilon, weight_decay=lambda_)`
+        only for $\beta_2 = 0.5$.  The weight decay is optax's and the authors'
+        `no_prox=True` form; the paper's default divides instead,
+        $x \leftarrow (x - \eta u) / (1 + \lambda\eta)$.
+
+    Reference: [Xie et al. (2022)](https://arxiv.org/abs/2208.06677)
+    """
+
+    fallible = False
+    eta = Hyper(0.001, nonnegative)
+    beta = Hyper((0.98, 0.92, 0.99), beta_triple)
+    epsilon = Hyper(1e-8, nonnegative)
+    lambda_ = Hyper(0.0, nonnegative)
+    fused = Kernel(
+        """
+        change = (dx - previous) * later
+        mu = b1 * mu + keep1 * dx
+        delta = b2 * delta + keep2 * change
+        ahead = dx + b2 * change
+        nu = b3 * nu + keep3 * (ahead * ahead)
+        previous = dx
+        direction = (mu / c1 + b2 * (delta / c2)) / (sqrt(nu / c3 + eps) + eps)
+        return eta * (direction + lam * x)
+        """,
+        _adan_scalars,
+        state=("mu", "delta", "nu", "previous"),
+        counter="t",
+    )
+
+    def init(self, x: Any) -> State:
+        xp = namespace(x)
+        return State(
+            mu=xp.zeros_like(x), delta=xp.zeros_like(x), nu=xp.zeros_like(x), previous=xp.zeros_like(x), t=0
+        )
+
+    def apply_(self, state: State, x: Any, dx: Any) -> Any:
+        xp = namespace(x)
+        b1, b2, b3 = self.beta
+        state.t += 1
+        t = state.t
+        change = (dx - state.previous) * (0.0 if t == 1 else 1.0)  # no previous gradient at first
+        state.mu = ema(state.mu, dx, b1)
+        state.delta = ema(state.delta, change, b2)
+        ahead = dx + b2 * change
+        state.nu = ema(state.nu, ahead * ahead, b3)
+        state.previous = copy(xp, dx)
+        eps = eps_for(x.dtype, self.epsilon)
+        numerator = state.mu / (1 - b1**t) + b2 * (state.delta / (1 - b2**t))
+        direction = numerator / (xp.sqrt(state.nu / (1 - b3**t) + eps) + eps)
+        return self.eta * (direction + self.lambda_ * x)
