@@ -28,6 +28,8 @@ from .rules.adam import AdaBelief, Adam, AdaMax, AdamW, AMSGrad, NAdam, OAdam, R
 from .rules.adaptive import AdaDelta, AdaGrad, RMSProp
 from .rules.clip import ClipGlobalNorm, ClipGrad, ClipNorm, ClipValue
 from .rules.decay import ExpDecay, InvDecay, WeightDecay
+from .rules.factored import SM3, Adafactor
+from .rules.layerwise import Fromage, GradCentralization, Lamb, Lars, Novograd
 from .rules.sgd import Descent, Momentum, Nesterov
 from .schedules import *  # noqa: F403 - every schedule, listed in schedules.__all__
 
@@ -90,6 +92,13 @@ __all__ = [
     "ClipGlobalNorm",
     "Optimiser",
     "Groups",
+    "Lamb",
+    "Lars",
+    "Novograd",
+    "Fromage",
+    "GradCentralization",
+    "Adafactor",
+    "SM3",
     # aliases
     "OptimiserChain",
     "ClipGrad",

@@ -18,6 +18,8 @@ from .rules.adam import AdaBelief, Adam, AdaMax, AdamW, AMSGrad, NAdam, OAdam, R
 from .rules.adaptive import AdaDelta, AdaGrad, RMSProp
 from .rules.clip import ClipGlobalNorm, ClipNorm, ClipValue
 from .rules.decay import ExpDecay, InvDecay, WeightDecay
+from .rules.factored import SM3, Adafactor
+from .rules.layerwise import Fromage, GradCentralization, Lamb, Lars, Novograd
 from .rules.sgd import Descent, Momentum, Nesterov
 from .schedules import CosineAnnealing, Linear, Step, Warmup
 
@@ -48,6 +50,13 @@ RULES: dict[str, type[Rule]] = {
         ClipGlobalNorm,
         Optimiser,
         Groups,
+        Lamb,
+        Lars,
+        Novograd,
+        Fromage,
+        GradCentralization,
+        Adafactor,
+        SM3,
     )
 }
 
@@ -108,4 +117,25 @@ CASES: dict[str, Callable[[], Rule]] = {
     "Optimiser(ClipGlobalNorm, Groups(W: Momentum, default: Descent))": lambda: Optimiser(
         ClipGlobalNorm(2.0), Groups(("W", Momentum(0.05)), default=Descent(0.05))
     ),
+    "Lamb()": Lamb,
+    "Lamb(lambda_=0.01)": lambda: Lamb(lambda_=0.01),
+    "Lars()": Lars,
+    "Lars(lambda_=1e-3, epsilon=1e-8, nesterov=True)": lambda: Lars(
+        lambda_=1e-3, epsilon=1e-8, nesterov=True
+    ),
+    "Novograd()": Novograd,
+    "Novograd(lambda_=1e-3)": lambda: Novograd(lambda_=1e-3),
+    "Fromage()": Fromage,
+    "Fromage(min_norm=0.0)": lambda: Fromage(min_norm=0.0),
+    "GradCentralization()": GradCentralization,
+    "Optimiser(GradCentralization, Adam)": lambda: Optimiser(GradCentralization(), Adam(1e-2)),
+    "Adafactor()": Adafactor,
+    "Adafactor(factored, momentum, lambda_)": lambda: Adafactor(
+        min_dim_size_to_factor=2, momentum=0.9, lambda_=1e-3
+    ),
+    "Adafactor(clipping_threshold=None, multiply_by_parameter_scale=False)": lambda: Adafactor(
+        clipping_threshold=None, multiply_by_parameter_scale=False
+    ),
+    "SM3()": SM3,
+    "SM3(momentum=0.0)": lambda: SM3(momentum=0.0),
 }
