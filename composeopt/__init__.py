@@ -28,7 +28,9 @@ from .rules.adam import AdaBelief, Adam, AdaMax, AdamW, Adan, AMSGrad, NAdam, OA
 from .rules.adaptive import AdaDelta, AdaGrad, RMSProp
 from .rules.clip import ClipGlobalNorm, ClipGrad, ClipNorm, ClipValue
 from .rules.decay import ExpDecay, InvDecay, WeightDecay
+from .rules.factored import SM3, Adafactor
 from .rules.ftrl import FTRL
+from .rules.layerwise import Fromage, GradCentralization, Lamb, Lars, Novograd
 from .rules.precision import MixedPrecision
 from .rules.sgd import SGD, Descent, Momentum, Nesterov
 from .rules.sign import Lion, Rprop, SignDecay
@@ -101,6 +103,13 @@ __all__ = [
     "Yogi",
     "Adan",
     "FTRL",
+    "Lamb",
+    "Lars",
+    "Novograd",
+    "Fromage",
+    "GradCentralization",
+    "Adafactor",
+    "SM3",
     # steps, precision
     "AccumGrad",
     "SkipNonFinite",

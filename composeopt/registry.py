@@ -18,7 +18,9 @@ from .rules.adam import AdaBelief, Adam, AdaMax, AdamW, Adan, AMSGrad, NAdam, OA
 from .rules.adaptive import AdaDelta, AdaGrad, RMSProp
 from .rules.clip import ClipGlobalNorm, ClipNorm, ClipValue
 from .rules.decay import ExpDecay, InvDecay, WeightDecay
+from .rules.factored import SM3, Adafactor
 from .rules.ftrl import FTRL
+from .rules.layerwise import Fromage, GradCentralization, Lamb, Lars, Novograd
 from .rules.precision import MixedPrecision
 from .rules.sgd import SGD, Descent, Momentum, Nesterov
 from .rules.sign import Lion, Rprop, SignDecay
@@ -61,6 +63,13 @@ RULES: dict[str, type[Rule]] = {
         Yogi,
         Adan,
         FTRL,
+        Lamb,
+        Lars,
+        Novograd,
+        Fromage,
+        GradCentralization,
+        Adafactor,
+        SM3,
     )
 }
 
@@ -150,4 +159,25 @@ CASES: dict[str, Callable[[], Rule]] = {
     "FTRL()": FTRL,
     "FTRL(0.1, l1=0.01, l2=0.1)": lambda: FTRL(0.1, l1=0.01, l2=0.1),
     "FTRL(lr_power=-0.7)": lambda: FTRL(lr_power=-0.7),
+    "Lamb()": Lamb,
+    "Lamb(lambda_=0.01)": lambda: Lamb(lambda_=0.01),
+    "Lars()": Lars,
+    "Lars(lambda_=1e-3, epsilon=1e-8, nesterov=True)": lambda: Lars(
+        lambda_=1e-3, epsilon=1e-8, nesterov=True
+    ),
+    "Novograd()": Novograd,
+    "Novograd(lambda_=1e-3)": lambda: Novograd(lambda_=1e-3),
+    "Fromage()": Fromage,
+    "Fromage(min_norm=0.0)": lambda: Fromage(min_norm=0.0),
+    "GradCentralization()": GradCentralization,
+    "Optimiser(GradCentralization, Adam)": lambda: Optimiser(GradCentralization(), Adam(1e-2)),
+    "Adafactor()": Adafactor,
+    "Adafactor(factored, momentum, lambda_)": lambda: Adafactor(
+        min_dim_size_to_factor=2, momentum=0.9, lambda_=1e-3
+    ),
+    "Adafactor(clipping_threshold=None, multiply_by_parameter_scale=False)": lambda: Adafactor(
+        clipping_threshold=None, multiply_by_parameter_scale=False
+    ),
+    "SM3()": SM3,
+    "SM3(momentum=0.0)": lambda: SM3(momentum=0.0),
 }

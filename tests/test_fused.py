@@ -42,6 +42,22 @@ GENERIC_ONLY = {
     "MixedPrecision(Optimiser(WeightDecay, Momentum), float64)": "master copy",
     # The kernel language has no power function: FTRL's fast path is lr_power = -1/2 (a sqrt).
     "FTRL(lr_power=-0.7)": "FTRL with a power other than -1/2",
+    # Layer-wise and factored rules (issue 3) reduce over each array between reading dx and writing.
+    "Lamb()": "per-array reduction",
+    "Lamb(lambda_=0.01)": "per-array reduction",
+    "Lars()": "per-array reduction",
+    "Lars(lambda_=1e-3, epsilon=1e-8, nesterov=True)": "per-array reduction",
+    "Novograd()": "per-array reduction",
+    "Novograd(lambda_=1e-3)": "per-array reduction",
+    "Fromage()": "per-array reduction",
+    "Fromage(min_norm=0.0)": "per-array reduction",
+    "GradCentralization()": "per-array reduction",
+    "Optimiser(GradCentralization, Adam)": "per-array reduction",
+    "Adafactor()": "per-array reduction",
+    "Adafactor(factored, momentum, lambda_)": "per-array reduction",
+    "Adafactor(clipping_threshold=None, multiply_by_parameter_scale=False)": "per-array reduction",
+    "SM3()": "per-array reduction",
+    "SM3(momentum=0.0)": "per-array reduction",
 }
 """Registry cases without a fast path, and why.  A new elementwise rule must get a ``fused``
 kernel or be listed here (with its reason): the first test fails otherwise."""

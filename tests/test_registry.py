@@ -12,6 +12,17 @@ from composeopt.registry import ALIASES, CASES, RULES
 
 CASE_IDS = list(CASES)
 
+# Cases whose state holds reductions of x rather than arrays shaped like it: Novograd's second
+# moment is one number per array, Adafactor's factored moments are a row and a column vector,
+# SM3 keeps one vector per axis.  Their state must still have x's dtype and module.
+REDUCED_STATE_CASES = {
+    "Novograd()",
+    "Novograd(lambda_=1e-3)",
+    "Adafactor(factored, momentum, lambda_)",
+    "SM3()",
+    "SM3(momentum=0.0)",
+}
+
 
 def make_params(backend, dtype):
     rng = np.random.default_rng(0)
@@ -99,7 +110,8 @@ def test_step_keeps_arrays_shape_dtype_module_and_grads(backend, case, dtype):
         assert co.namespace(x) is co.namespace(backend.asarray([1.0], dtype))
         np.testing.assert_array_equal(backend.to_numpy(grads[key]), grads_before[key])
         for array in state_arrays(co.state_store(opt).get(x)):
-            assert array.dtype == state_dtype(backend, opt, x) and array.shape == x.shape
+            assert array.dtype == state_dtype(backend, opt, x)
+            assert array.shape == x.shape or case in REDUCED_STATE_CASES
             assert co.namespace(array) is co.namespace(x)
 
 

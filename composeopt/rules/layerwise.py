@@ -1,0 +1,306 @@
+"""Layer-wise rules: each array's step is scaled by a norm of that whole array.
+
+The norms stay 0-d arrays on the array's device and are combined with
+`xp.where`, so these rules never wait for the GPU.  They have no fused fast
+path: a reduction over the array sits between reading the gradient and
+writing the update.
+"""
+
+from __future__ import annotations
+
+import math
+from types import ModuleType
+from typing import Any
+
+from array_api_compat import device
+
+from .._dispatch import copy, eps_for, namespace
+from ..hyper import Hyper, beta_pair, flag, nonnegative, unit_interval
+from ..rule import Rule, State
+from ._math import _wide, bias_corrected_direction, ema, norm_from_power, norm_power
+
+__all__ = ["Lamb", "Lars", "Novograd", "Fromage", "GradCentralization"]
+
+
+def _norm(xp: ModuleType, a: Any) -> Any:
+    """The 2-norm of `a` as a 0-d array, reduced in float32 or wider (16-bit sums of squares overflow)."""
+    return norm_from_power(xp, norm_power(xp, a, 2), 2)
+
+
+def _trust_scaled(
+    xp: ModuleType, u: Any, x: Any, coefficient: float = 1.0, eps: float = 0.0, min_norm: float = 0.0
+) -> Any:
+    """`u · c ‖x‖ / (‖u‖ + eps)`, each norm at least `min_norm`, and `u` unscaled where a norm is 0.
+
+    This is optax's `scale_by_trust_ratio`: a zero parameter (a fresh bias) or a zero
+    update keeps its step instead of getting none (or a NaN).
+    """
+    x_norm = xp.maximum(_norm(xp, x), min_norm)
+    u_norm = xp.maximum(_norm(xp, u), min_norm)
+    degenerate = xp.logical_or(x_norm == 0, u_norm == 0)
+    # The inner where keeps 0/0 from being computed (NumPy would warn) where the outer one discards it.
+    ratio = xp.where(degenerate, 1.0, coefficient * x_norm / xp.where(degenerate, 1.0, u_norm + eps))
+    return u * xp.astype(ratio, u.dtype)
+
+
+class Lamb(Rule):
+    r"""LAMB, Adam with a layer-wise trust ratio:
+    `Lamb(eta=0.001, beta=(0.9, 0.999), epsilon=1e-6, lambda_=0.0)`.
+
+    With $m$, $v$ updated as in [Adam][composeopt.Adam] and
+    $u = \frac{m/(1-\beta_1^t)}{\sqrt{v/(1-\beta_2^t)} + \epsilon} + \lambda x$,
+
+    $$\Delta = \eta\, \frac{\lVert x \rVert}{\lVert u \rVert}\, u$$
+
+    with the ratio replaced by 1 where $\lVert x \rVert$ or $\lVert u \rVert$ is 0.
+    Norms are 2-norms of the whole array.
+
+    Args:
+        eta: learning rate $\eta \ge 0$.
+        beta: moment decays $(\beta_1, \beta_2)$, each in [0, 1).
+        epsilon: $\epsilon$, outside the square root (floored for float16).
+        lambda_: weight decay $\lambda \ge 0$, added before the trust ratio.
+
+    State: `mu` ($m$), `nu` ($v$) and `t`, as [Adam][composeopt.Adam].
+
+    Same as `optax.lamb(eta, b1, b2, eps=epsilon, weight_decay=lambda_)` (its
+    `eps_root` at 0, its default).  The paper's clipping function $\phi$ of
+    $\lVert x \rVert$ is the identity here, as in optax.
+
+    Reference: [You et al. (2019)](https://arxiv.org/abs/1904.00962)
+
+    Examples:
+        The first Adam direction is about ±1 per coordinate; the trust ratio
+        rescales it to the norm of `x` (5 here):
+
+        >>> import numpy as np, composeopt as co
+        >>> x = np.array([3.0, 4.0])
+        >>> _ = co.update_(co.Lamb(0.1), x, np.array([1.0, -1.0]))
+        >>> print(x.round(4))  # 3 - 0.1 * 5 / sqrt(2), 4 + 0.1 * 5 / sqrt(2)
+        [2.6464 4.3536]
+    """
+
+    fallible = False
+    eta = Hyper(0.001, nonnegative)
+    beta = Hyper((0.9, 0.999), beta_pair)
+    epsilon = Hyper(1e-6, nonnegative)
+    lambda_ = Hyper(0.0, nonnegative)
+    fused = None
+
+    def init(self, x: Any) -> State:
+        xp = namespace(x)
+        return State(mu=xp.zeros_like(x), nu=xp.zeros_like(x), t=0)
+
+    def apply_(self, state: State, x: Any, dx: Any) -> Any:
+        xp = namespace(x)
+        b1, b2 = self.beta
+        state.t += 1
+        state.mu = ema(state.mu, dx, b1)
+        state.nu = ema(state.nu, dx * dx, b2)
+        eps = eps_for(x.dtype, self.epsilon)
+        direction = bias_corrected_direction(xp, state.mu, state.nu, state.t, self.beta, eps)
+        return self.eta * _trust_scaled(xp, direction + self.lambda_ * x, x)
+
+
+class Lars(Rule):
+    r"""LARS, momentum with a layer-wise trust ratio:
+    `Lars(eta=1.0, lambda_=0.0, trust_coefficient=0.001, epsilon=0.0, momentum=0.9, nesterov=False)`.
+
+    $$u = \eta\, \frac{c\, \lVert x \rVert}{\lVert dx + \lambda x \rVert + \epsilon}\,(dx + \lambda x),
+    \qquad v \leftarrow \mu\, v + u, \qquad
+    \Delta = v \ \text{ or, with Nesterov, } \ \Delta = u + \mu\, v$$
+
+    with the ratio replaced by 1 (not $c$) where either norm is 0.  The paper
+    divides by $\lVert dx \rVert + \lambda \lVert x \rVert$ instead; optax and
+    this rule take the norm of the decayed gradient itself.
+
+    Args:
+        eta: learning rate $\eta \ge 0$.
+        lambda_: weight decay $\lambda \ge 0$, added to the gradient first.
+        trust_coefficient: $c \ge 0$, the trust ratio's multiplier.
+        epsilon: $\epsilon \ge 0$, added to the denominator's norm.
+        momentum: $\mu \in [0, 1)$.
+        nesterov: use the Nesterov form of the momentum.
+
+    State: `v`, the velocity, starting at 0.
+
+    Same as `optax.lars(eta, weight_decay=lambda_, trust_coefficient=c, eps=epsilon,
+    momentum=momentum, nesterov=nesterov)`, whose defaults these are (optax has no
+    default learning rate; the paper's schedules start near 1 and more).
+    Parameters that optax would leave out through its masks get a plain
+    [Momentum][composeopt.Momentum] through [Groups][composeopt.Groups].
+
+    Reference: [You, Gitman & Ginsburg (2017)](https://arxiv.org/abs/1708.03888)
+
+    Examples:
+        The step is $c\,\eta\,\lVert x \rVert$ long, whatever the gradient's size:
+
+        >>> import numpy as np, composeopt as co
+        >>> x = np.array([30.0, 40.0])
+        >>> _ = co.update_(co.Lars(), x, np.array([-6.0, 8.0]))
+        >>> print(x)  # a step of length 0.001 * 50 along the gradient
+        [30.03 39.96]
+    """
+
+    fallible = False
+    eta = Hyper(1.0, nonnegative)
+    lambda_ = Hyper(0.0, nonnegative)
+    trust_coefficient = Hyper(0.001, nonnegative)
+    epsilon = Hyper(0.0, nonnegative)
+    momentum = Hyper(0.9, unit_interval)
+    nesterov = Hyper(False, flag)
+    fused = None
+
+    def init(self, x: Any) -> State:
+        return State(v=namespace(x).zeros_like(x))
+
+    def apply_(self, state: State, x: Any, dx: Any) -> Any:
+        xp = namespace(x)
+        eps = eps_for(x.dtype, self.epsilon)
+        step = self.eta * _trust_scaled(xp, dx + self.lambda_ * x, x, self.trust_coefficient, eps)
+        state.v *= self.momentum
+        state.v += step
+        if self.nesterov:
+            return step + self.momentum * state.v
+        return copy(xp, state.v)
+
+
+class Novograd(Rule):
+    r"""NovoGrad, a second moment per array:
+    `Novograd(eta=0.001, beta=(0.9, 0.25), epsilon=1e-6, lambda_=0.0)`.
+
+    $$v \leftarrow \beta_2 v + (1-\beta_2)\, \lVert dx \rVert^2
+    \ \ (v = \lVert dx \rVert^2 \text{ at } t = 1),
+    \qquad m \leftarrow \beta_1 m + \frac{dx}{\sqrt{v} + \epsilon} + \lambda x,
+    \qquad \Delta = \eta\, m$$
+
+    $v$ is one number per array; $m$ is a running sum (no $1-\beta_1$ factor),
+    as in the paper.
+
+    Args:
+        eta: learning rate $\eta \ge 0$.
+        beta: decays $(\beta_1, \beta_2)$ of $m$ and of $v$, each in [0, 1).
+        epsilon: $\epsilon$, outside the square root (floored for float16).
+        lambda_: weight decay $\lambda \ge 0$, inside the momentum.
+
+    State: `mu` ($m$), `nu` ($v$, a 0-d array in `x`'s dtype) and `t`.
+    $\lVert dx \rVert^2$ is summed in float32 for float16 arrays, but `nu` is
+    float16 and overflows once $\lVert dx \rVert > 256$ (the step is then 0).
+
+    Same as `optax.novograd(eta, b1, b2, eps=epsilon, weight_decay=lambda_)`
+    (its `eps_root` at 0, its default); optax has no default learning rate.
+
+    Reference: [Ginsburg et al. (2019)](https://arxiv.org/abs/1905.11286)
+
+    Examples:
+        The first step is the gradient divided by its norm:
+
+        >>> import numpy as np, composeopt as co
+        >>> x = np.zeros(2)
+        >>> _ = co.update_(co.Novograd(0.1, epsilon=0.0), x, np.array([3.0, -4.0]))
+        >>> print(x)
+        [-0.06  0.08]
+    """
+
+    fallible = False
+    eta = Hyper(0.001, nonnegative)
+    beta = Hyper((0.9, 0.25), beta_pair)
+    epsilon = Hyper(1e-6, nonnegative)
+    lambda_ = Hyper(0.0, nonnegative)
+    fused = None
+
+    def init(self, x: Any) -> State:
+        xp = namespace(x)
+        return State(mu=xp.zeros_like(x), nu=xp.zeros((), dtype=x.dtype, device=device(x)), t=0)
+
+    def apply_(self, state: State, x: Any, dx: Any) -> Any:
+        xp = namespace(x)
+        b1, b2 = self.beta
+        state.t += 1
+        square = xp.astype(norm_power(xp, dx, 2), x.dtype)
+        # The first step takes the norm itself, not (1 - β2) of it (the paper's and optax's start).
+        state.nu = square if state.t == 1 else b2 * state.nu + (1 - b2) * square
+        eps = eps_for(x.dtype, self.epsilon)
+        state.mu *= b1
+        state.mu += dx / (xp.sqrt(state.nu) + eps) + self.lambda_ * x
+        return self.eta * state.mu
+
+
+class Fromage(Rule):
+    r"""Fromage, Frobenius-matched gradient descent: `Fromage(eta=0.01, min_norm=1e-6)`.
+
+    $$x \leftarrow \frac{1}{\sqrt{1+\eta^2}}
+    \left(x - \eta\, \frac{\lVert x \rVert}{\lVert dx \rVert}\, dx\right),
+    \quad\text{that is}\quad
+    \Delta = \frac{\eta}{\sqrt{1+\eta^2}}\, \frac{\lVert x \rVert}{\lVert dx \rVert}\, dx
+    + \left(1 - \frac{1}{\sqrt{1+\eta^2}}\right) x$$
+
+    Each norm is raised to at least `min_norm`; with `min_norm=0` the ratio is 1
+    where a norm is 0.  The shrink factor keeps the norms of the weights from growing.
+
+    Args:
+        eta: learning rate $\eta \ge 0$, a relative step size.
+        min_norm: the smallest value either norm is taken to have, $\ge 0$.
+
+    Same as `optax.fromage(eta, min_norm)`.
+
+    Reference: [Bernstein et al. (2020)](https://arxiv.org/abs/2002.03432)
+
+    Examples:
+        >>> import numpy as np, composeopt as co
+        >>> x = np.array([3.0, 4.0])
+        >>> _ = co.update_(co.Fromage(0.75), x, np.array([0.0, 1.0]))
+        >>> print(x)  # (x - 0.75 * 5 * [0, 1]) / 1.25
+        [2.4 0.2]
+    """
+
+    fallible = False
+    eta = Hyper(0.01, nonnegative)
+    min_norm = Hyper(1e-6, nonnegative)
+    fused = None
+
+    def apply_(self, state: Any, x: Any, dx: Any) -> Any:
+        shrink = 1 / math.sqrt(1 + self.eta**2)
+        scaled = _trust_scaled(namespace(x), dx, x, min_norm=self.min_norm)
+        return self.eta * shrink * scaled + (1 - shrink) * x
+
+
+class GradCentralization(Rule):
+    r"""Gradient centralisation: `GradCentralization()`.
+
+    For an array with two or more axes, subtract from the gradient its mean over
+    every axis but the first (for a dense layer's `(out, in)` weight, each row's
+    mean; for a convolution's `(out, in, h, w)` kernel, each filter's mean):
+
+    $$\Delta_{i\ldots} = dx_{i\ldots} - \operatorname{mean}_{\ldots}\, dx_{i\ldots}$$
+
+    Gradients of arrays with fewer than two axes (biases, scalars) pass unchanged.
+    A gradient transform: put it before the rule that takes the step,
+    `Optimiser(GradCentralization(), Adam())`.  The mean of a float16 array is
+    taken in float32.
+
+    As in the authors' code (with `gc_conv_only=False`).  The first axis is
+    taken to index output units, as in PyTorch's layouts; Keras kernels keep
+    them last.  MindSpore's `grad_centralization` group option offers the same
+    for convolution kernels only.
+
+    Reference: [Yong et al. (2020)](https://arxiv.org/abs/2004.01461)
+
+    Examples:
+        >>> import numpy as np, composeopt as co
+        >>> x = np.zeros((2, 2))
+        >>> _ = co.update_(co.GradCentralization(), x, np.array([[1.0, 3.0], [0.0, -4.0]]))
+        >>> print(x)  # minus the centred rows: [-1, 1] and [2, -2]
+        [[ 1. -1.]
+         [-2.  2.]]
+    """
+
+    fallible = False
+    fused = None
+
+    def apply_(self, state: Any, x: Any, dx: Any) -> Any:
+        if dx.ndim < 2 or math.prod(dx.shape) == 0:  # the mean of an empty array is NaN
+            return dx
+        xp = namespace(dx)
+        mean = xp.mean(_wide(xp, dx), axis=tuple(range(1, dx.ndim)), keepdims=True)
+        return dx - xp.astype(mean, dx.dtype)
