@@ -219,7 +219,10 @@ class Novograd(Rule):
         state.t += 1
         square = xp.astype(norm_power(xp, dx, 2), x.dtype)
         # The first step takes the norm itself, not (1 - β2) of it (the paper's and optax's start).
-        state.nu = square if state.t == 1 else b2 * state.nu + (1 - b2) * square
+        nu = square if state.t == 1 else b2 * state.nu + (1 - b2) * square
+        # NumPy 1.x computes on 0-d arrays as on scalars, and widens float16/32 scalars
+        # times Python floats to float64: keep nu a 0-d array in x's dtype.
+        state.nu = xp.asarray(nu, dtype=x.dtype)
         eps = eps_for(x.dtype, self.epsilon)
         state.mu *= b1
         state.mu += dx / (xp.sqrt(state.nu) + eps) + self.lambda_ * x
