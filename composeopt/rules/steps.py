@@ -35,9 +35,7 @@ class AccumGrad(Rule):
 
     Same as `optax.MultiSteps(inner, every_k_schedule=n)` (whose accumulator
     is float32 unless given `accumulator_dtype`) and Optimisers.jl's
-    `AccumGrad(n)`, except that Optimisers.jl hands zeros to the later rules
-    between updates (which moves momentum-based rules) where this rule and
-    optax skip them.  Rules that count optimiser steps rather than their own
+    `AccumGrad(n)`, which also skip the later rules between updates.  Rules that count optimiser steps rather than their own
     calls ([ExpDecay][composeopt.ExpDecay], schedules) still count every call.
 
     Examples:
