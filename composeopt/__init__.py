@@ -22,13 +22,17 @@ from .control import adjust_, freeze_, hyperparameters, thaw_
 from .engine import reset_, state_store, update, update_
 from .flat import Flat, flatten
 from .groups import Groups
+from .minimizer import MinimizeResult, minimize
 from .hyper import Hyper
 from .rule import Replace, Rule, State
 from .rules.adam import AdaBelief, Adam, AdaMax, AdamW, AMSGrad, NAdam, OAdam, RAdam
 from .rules.adaptive import AdaDelta, AdaGrad, RMSProp
 from .rules.clip import ClipGlobalNorm, ClipGrad, ClipNorm, ClipValue
 from .rules.decay import ExpDecay, InvDecay, WeightDecay
+from .rules.lbfgs import LBFGS
+from .rules.muon import Muon
 from .rules.sgd import Descent, Momentum, Nesterov
+from .rules.wrappers import Lookahead
 from .schedules import *  # noqa: F403 - every schedule, listed in schedules.__all__
 
 # Flux's upper-case names from before Optimisers.jl.
@@ -49,6 +53,8 @@ __all__ = [
     "update",
     "reset_",
     "state_store",
+    "minimize",
+    "MinimizeResult",
     # steering and checkpoints
     "adjust_",
     "freeze_",
@@ -91,6 +97,9 @@ __all__ = [
     "ClipGlobalNorm",
     "Optimiser",
     "Groups",
+    "Lookahead",
+    "Muon",
+    "LBFGS",
     # aliases
     "OptimiserChain",
     "ClipGrad",

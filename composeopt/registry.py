@@ -18,7 +18,10 @@ from .rules.adam import AdaBelief, Adam, AdaMax, AdamW, AMSGrad, NAdam, OAdam, R
 from .rules.adaptive import AdaDelta, AdaGrad, RMSProp
 from .rules.clip import ClipGlobalNorm, ClipNorm, ClipValue
 from .rules.decay import ExpDecay, InvDecay, WeightDecay
+from .rules.lbfgs import LBFGS
+from .rules.muon import Muon
 from .rules.sgd import Descent, Momentum, Nesterov
+from .rules.wrappers import Lookahead
 from .schedules import CosineAnnealing, Linear, Step, Warmup
 
 __all__ = ["RULES", "ALIASES", "CASES"]
@@ -48,6 +51,9 @@ RULES: dict[str, type[Rule]] = {
         ClipGlobalNorm,
         Optimiser,
         Groups,
+        Lookahead,
+        Muon,
+        LBFGS,
     )
 }
 
@@ -108,4 +114,22 @@ CASES: dict[str, Callable[[], Rule]] = {
     "Optimiser(ClipGlobalNorm, Groups(W: Momentum, default: Descent))": lambda: Optimiser(
         ClipGlobalNorm(2.0), Groups(("W", Momentum(0.05)), default=Descent(0.05))
     ),
+    "Lookahead(Adam)": lambda: Lookahead(Adam(1e-2)),
+    "Lookahead(Optimiser(ClipGlobalNorm, Momentum(rho=Linear)), k=3)": lambda: Lookahead(
+        Optimiser(ClipGlobalNorm(1.0), Momentum(0.05, rho=Linear(0.5, 0.9, 10))), k=3, alpha=0.8
+    ),
+    "Groups(W: Lookahead(Momentum), default: Descent)": lambda: Groups(
+        ("W", Lookahead(Momentum(0.05), k=2)), default=Descent(0.05)
+    ),
+    "Muon()": Muon,
+    "Muon(nesterov=False, lambda_, match_rms_adamw, fallback=Optimiser)": lambda: Muon(
+        0.05,
+        nesterov=False,
+        lambda_=0.01,
+        shape_scaling="match_rms_adamw",
+        fallback=Optimiser(ClipGlobalNorm(1.0), Momentum(0.05)),
+    ),
+    "LBFGS()": LBFGS,
+    "LBFGS(0.5, memory=2)": lambda: LBFGS(0.5, memory=2),
+    "Optimiser(WeightDecay, LBFGS)": lambda: Optimiser(WeightDecay(1e-3), LBFGS(memory=3)),
 }
