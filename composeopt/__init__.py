@@ -22,8 +22,8 @@ from .control import adjust_, freeze_, hyperparameters, thaw_
 from .engine import reset_, state_store, update, update_
 from .flat import Flat, flatten
 from .groups import Groups
-from .minimizer import MinimizeResult, minimize
 from .hyper import Hyper
+from .minimizer import MinimizeResult, minimize
 from .rule import Replace, Rule, State
 from .rules.adam import AdaBelief, Adam, AdaMax, AdamW, AMSGrad, NAdam, OAdam, RAdam
 from .rules.adaptive import AdaDelta, AdaGrad, RMSProp

@@ -84,7 +84,11 @@ def test_muon_matches_optax_contrib_muon_on_transposed_matrices(jax_x64, ours, t
         transposed = optax.apply_updates(transposed, updates)
         for k in SHAPES:
             np.testing.assert_allclose(
-                params[k], np.asarray(transposed[k]).T, rtol=1e-10, atol=1e-12, err_msg=f"{k}, step {step + 1}"
+                params[k],
+                np.asarray(transposed[k]).T,
+                rtol=1e-10,
+                atol=1e-12,
+                err_msg=f"{k}, step {step + 1}",
             )
     for k in SHAPES:
         assert not np.allclose(params[k], x0[k], rtol=1e-2, atol=0)
@@ -176,7 +180,9 @@ def test_newton_schulz_is_the_quintic_on_the_singular_values(shape, steps):
     for _ in range(steps):
         s = a * s + b * s**3 + c * s**5
     expected = (u * s) @ vt
-    np.testing.assert_allclose(orthogonalize(co.namespace(g), g, steps, 1e-7), expected, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        orthogonalize(co.namespace(g), g, steps, 1e-7), expected, rtol=1e-10, atol=1e-12
+    )
 
 
 def test_the_update_is_near_orthogonal_and_scaled_by_shape():
@@ -189,7 +195,12 @@ def test_the_update_is_near_orthogonal_and_scaled_by_shape():
 
 def test_other_parameters_take_the_fallback_exactly():
     rng = np.random.default_rng(4)
-    params = {"W": rng.normal(size=(3, 2)), "b": rng.normal(size=3), "s": np.asarray(0.5), "k": rng.normal(size=(2, 2, 2))}
+    params = {
+        "W": rng.normal(size=(3, 2)),
+        "b": rng.normal(size=3),
+        "s": np.asarray(0.5),
+        "k": rng.normal(size=(2, 2, 2)),
+    }
     alone = {k: v.copy() for k, v in params.items() if k != "W"}
     muon = co.Muon(fallback=co.Optimiser(co.ClipGlobalNorm(0.5), co.Adam(0.01)))
     reference = co.Optimiser(co.ClipGlobalNorm(0.5), co.Adam(0.01))

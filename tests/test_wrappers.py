@@ -63,7 +63,11 @@ def test_lookahead_matches_optax_over_many_float64_steps(inner, theirs, k, alpha
         for key in SHAPES:
             assert params[key] is arrays[key]
             np.testing.assert_allclose(
-                params[key], np.asarray(theirs_params.fast[key]), rtol=1e-10, atol=1e-12, err_msg=f"step {step + 1}"
+                params[key],
+                np.asarray(theirs_params.fast[key]),
+                rtol=1e-10,
+                atol=1e-12,
+                err_msg=f"step {step + 1}",
             )
             np.testing.assert_allclose(
                 co.state_store(opt).get(params[key]).slow,

@@ -131,7 +131,9 @@ class LBFGS(Rule):
         newest_first = [(t - 1 - j) % size for j in range(pairs)]
         return self._two_loop(xp, states, dxs, newest_first)
 
-    def _two_loop(self, xp: ModuleType, states: Sequence[State], dxs: Sequence[Any], slots: list[int]) -> list[Any]:
+    def _two_loop(
+        self, xp: ModuleType, states: Sequence[State], dxs: Sequence[Any], slots: list[int]
+    ) -> list[Any]:
         """$\\eta H g$ over the tree, `slots` newest first."""
         rho, gamma = {}, None
         for slot in reversed(slots):  # oldest first, so that gamma ends at the newest valid pair
@@ -144,7 +146,9 @@ class LBFGS(Rule):
         q = [copy(xp, dx) for dx in dxs]
         alpha = {}
         for slot in slots:
-            alpha[slot] = rho[slot] * _tree_dot(xp, [(state.s[slot, ...], qi) for state, qi in zip(states, q)])
+            alpha[slot] = rho[slot] * _tree_dot(
+                xp, [(state.s[slot, ...], qi) for state, qi in zip(states, q)]
+            )
             for state, qi in zip(states, q):
                 qi -= xp.astype(alpha[slot], qi.dtype) * state.y[slot, ...]
         r = [xp.astype(gamma, qi.dtype) * qi for qi in q]

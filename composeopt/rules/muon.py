@@ -151,7 +151,9 @@ class Muon(Rule):
     def init_tree_(self, xs: Sequence[Any], paths: Sequence[str]) -> list[Any]:
         others = [i for i, x in enumerate(xs) if x.ndim != 2]
         states = [State(mu=namespace(x).zeros_like(x)) if x.ndim == 2 else None for x in xs]
-        for i, state in zip(others, self.fallback.init_tree_([xs[i] for i in others], [paths[i] for i in others])):
+        for i, state in zip(
+            others, self.fallback.init_tree_([xs[i] for i in others], [paths[i] for i in others])
+        ):
             states[i] = state
         return states
 

@@ -115,4 +115,3 @@ class Lookahead(Rule):
             return NotImplemented
         assert isinstance(other, Lookahead)
         return self.inner == other.inner and self.settings() == other.settings()
-
