@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from types import ModuleType
 from typing import Any
 
+from array_api_compat import device
+
 from .._dispatch import copy, namespace
 from ..hyper import Hyper, nonnegative, positive_int
 from ..rule import Rule, State
@@ -67,7 +69,8 @@ class LBFGS(Rule):
         epsilon: smallest curvature $y^T s$ for a pair to count.
 
     State: `s` and `y`, the pairs, each of shape `(memory, *x.shape)` (used as a
-    ring: pair $j$ sits at slot $j \bmod$ `memory`); `x` and `g`, the
+    ring: pair $j$ sits at slot $j \bmod$ `memory`, and a later change of
+    `memory` keeps the size of existing state); `x_prev` and `g_prev`, the
     parameter and gradient of the previous step; `t`, the steps taken.
 
     Same as `torch.optim.LBFGS(lr=eta, history_size=memory, max_iter=1,
@@ -98,8 +101,8 @@ class LBFGS(Rule):
     def init(self, x: Any) -> State:
         xp = namespace(x)
         history = (self.memory, *x.shape)
-        zeros = xp.zeros(history, dtype=x.dtype, device=_device(x))
-        return State(s=zeros, y=xp.zeros_like(zeros), x=xp.zeros_like(x), g=xp.zeros_like(x), t=0)
+        zeros = xp.zeros(history, dtype=x.dtype, device=device(x))
+        return State(s=zeros, y=xp.zeros_like(zeros), x_prev=xp.zeros_like(x), g_prev=xp.zeros_like(x), t=0)
 
     def apply_(self, state: State, x: Any, dx: Any) -> Any:
         return self.apply_tree_([state], [x], [dx], ["params"])[0]
@@ -118,11 +121,11 @@ class LBFGS(Rule):
         if t > 0:
             slot = (t - 1) % size
             for state, x, dx in zip(states, xs, dxs):
-                state.s[slot, ...] = x - state.x
-                state.y[slot, ...] = dx - state.g
+                state.s[slot, ...] = x - state.x_prev
+                state.y[slot, ...] = dx - state.g_prev
         for state, x, dx in zip(states, xs, dxs):
-            state.x[...] = x
-            state.g[...] = dx
+            state.x_prev[...] = x
+            state.g_prev[...] = dx
             state.t += 1
         pairs = min(t, size)
         if pairs == 0:
@@ -165,9 +168,3 @@ def _l1(xp: ModuleType, arrays: Sequence[Any]) -> Any:
         part = xp.sum(xp.abs(xp.astype(a, _wide_dtype(xp, a.dtype))))
         total = part if total is None else total + part
     return total
-
-
-def _device(x: Any) -> Any:
-    from array_api_compat import device
-
-    return device(x)
