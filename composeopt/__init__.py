@@ -23,6 +23,7 @@ from .engine import reset_, state_store, update, update_
 from .flat import Flat, flatten
 from .groups import Groups
 from .hyper import Hyper
+from .minimizer import MinimizeResult, minimize
 from .rule import Replace, Rule, State
 from .rules.adam import AdaBelief, Adam, AdaMax, AdamW, Adan, AMSGrad, NAdam, OAdam, RAdam, Yogi
 from .rules.adaptive import AdaDelta, AdaGrad, RMSProp
@@ -31,10 +32,13 @@ from .rules.decay import ExpDecay, InvDecay, WeightDecay
 from .rules.factored import SM3, Adafactor
 from .rules.ftrl import FTRL
 from .rules.layerwise import Fromage, GradCentralization, Lamb, Lars, Novograd
+from .rules.lbfgs import LBFGS
+from .rules.muon import Muon
 from .rules.precision import MixedPrecision
 from .rules.sgd import SGD, Descent, Momentum, Nesterov
 from .rules.sign import Lion, Rprop, SignDecay
 from .rules.steps import AccumGrad, SkipNonFinite
+from .rules.wrappers import Lookahead
 from .schedules import *  # noqa: F403 - every schedule, listed in schedules.__all__
 
 # Flux's upper-case names from before Optimisers.jl.
@@ -55,6 +59,8 @@ __all__ = [
     "update",
     "reset_",
     "state_store",
+    "minimize",
+    "MinimizeResult",
     # steering and checkpoints
     "adjust_",
     "freeze_",
@@ -110,7 +116,10 @@ __all__ = [
     "GradCentralization",
     "Adafactor",
     "SM3",
-    # steps, precision
+    "Muon",
+    "LBFGS",
+    # wrappers, steps, precision
+    "Lookahead",
     "AccumGrad",
     "SkipNonFinite",
     "MixedPrecision",

@@ -21,10 +21,13 @@ from .rules.decay import ExpDecay, InvDecay, WeightDecay
 from .rules.factored import SM3, Adafactor
 from .rules.ftrl import FTRL
 from .rules.layerwise import Fromage, GradCentralization, Lamb, Lars, Novograd
+from .rules.lbfgs import LBFGS
+from .rules.muon import Muon
 from .rules.precision import MixedPrecision
 from .rules.sgd import SGD, Descent, Momentum, Nesterov
 from .rules.sign import Lion, Rprop, SignDecay
 from .rules.steps import AccumGrad, SkipNonFinite
+from .rules.wrappers import Lookahead
 from .schedules import CosineAnnealing, Linear, Step, Warmup
 
 __all__ = ["RULES", "ALIASES", "CASES"]
@@ -70,6 +73,9 @@ RULES: dict[str, type[Rule]] = {
         GradCentralization,
         Adafactor,
         SM3,
+        Lookahead,
+        Muon,
+        LBFGS,
     )
 }
 
@@ -180,4 +186,22 @@ CASES: dict[str, Callable[[], Rule]] = {
     ),
     "SM3()": SM3,
     "SM3(momentum=0.0)": lambda: SM3(momentum=0.0),
+    "Lookahead(Adam)": lambda: Lookahead(Adam(1e-2)),
+    "Lookahead(Optimiser(ClipGlobalNorm, Momentum(rho=Linear)), k=3)": lambda: Lookahead(
+        Optimiser(ClipGlobalNorm(1.0), Momentum(0.05, rho=Linear(0.5, 0.9, 10))), k=3, alpha=0.8
+    ),
+    "Groups(W: Lookahead(Momentum), default: Descent)": lambda: Groups(
+        ("W", Lookahead(Momentum(0.05), k=2)), default=Descent(0.05)
+    ),
+    "Muon()": Muon,
+    "Muon(nesterov=False, lambda_, match_rms_adamw, fallback=Optimiser)": lambda: Muon(
+        0.05,
+        nesterov=False,
+        lambda_=0.01,
+        shape_scaling="match_rms_adamw",
+        fallback=Optimiser(ClipGlobalNorm(1.0), Momentum(0.05)),
+    ),
+    "LBFGS()": LBFGS,
+    "LBFGS(0.5, memory=2)": lambda: LBFGS(0.5, memory=2),
+    "Optimiser(WeightDecay, LBFGS)": lambda: Optimiser(WeightDecay(1e-3), LBFGS(memory=3)),
 }

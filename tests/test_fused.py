@@ -58,6 +58,17 @@ GENERIC_ONLY = {
     "Adafactor(clipping_threshold=None, multiply_by_parameter_scale=False)": "per-array reduction",
     "SM3()": "per-array reduction",
     "SM3(momentum=0.0)": "per-array reduction",
+    # Lookahead wraps another rule and sets parameters to its slow weights (Replace) every k steps.
+    "Lookahead(Adam)": "wrapper returning Replace",
+    "Lookahead(Optimiser(ClipGlobalNorm, Momentum(rho=Linear)), k=3)": "wrapper returning Replace",
+    "Groups(W: Lookahead(Momentum), default: Descent)": "parameter groups",
+    # Muon: a Frobenius norm and matrix products per array (Newton-Schulz), not elementwise.
+    "Muon()": "reductions and matrix products",
+    "Muon(nesterov=False, lambda_, match_rms_adamw, fallback=Optimiser)": "reductions and matrix products",
+    # LBFGS: dot products over the whole tree (two-loop recursion), not elementwise.
+    "LBFGS()": "tree-wide dot products",
+    "LBFGS(0.5, memory=2)": "tree-wide dot products",
+    "Optimiser(WeightDecay, LBFGS)": "tree-wide dot products",
 }
 """Registry cases without a fast path, and why.  A new elementwise rule must get a ``fused``
 kernel or be listed here (with its reason): the first test fails otherwise."""

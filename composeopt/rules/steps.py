@@ -35,8 +35,9 @@ class AccumGrad(Rule):
 
     Same as `optax.MultiSteps(inner, every_k_schedule=n)` (whose accumulator
     is float32 unless given `accumulator_dtype`) and Optimisers.jl's
-    `AccumGrad(n)`, which also skip the later rules between updates.  Rules that count optimiser steps rather than their own
-    calls ([ExpDecay][composeopt.ExpDecay], schedules) still count every call.
+    `AccumGrad(n)`, which also skip the later rules between updates.  Rules
+    that count optimiser steps rather than their own calls
+    ([ExpDecay][composeopt.ExpDecay], schedules) still count every call.
 
     Examples:
         >>> import numpy as np, composeopt as co
