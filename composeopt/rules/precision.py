@@ -10,7 +10,7 @@ from ..errors import HyperparameterError
 from ..hyper import Hyper
 from ..rule import Replace, State
 from ..store import zero_d_arrays
-from .wrapping import Wrapper
+from .wrappers import Wrapper
 
 __all__ = ["MixedPrecision"]
 

@@ -9,7 +9,7 @@ from .._dispatch import namespace
 from ..errors import HyperparameterError, NonFiniteError
 from ..hyper import Hyper, positive_int
 from ..rule import Rule, State
-from .wrapping import Wrapper
+from .wrappers import Wrapper
 
 __all__ = ["AccumGrad", "SkipNonFinite"]
 
