@@ -261,3 +261,17 @@ def test_minimize_on_array_api_strict():
     _, result = co.minimize(quadratic, params, tol=1e-10)
     assert result.converged
     np.testing.assert_allclose(np.from_dlpack(params["x"]), [3.0, 3.0, 3.0], atol=1e-9)
+
+
+def test_a_parameter_joining_after_memory_changed_restarts_every_ring():
+    opt = co.LBFGS(0.1, memory=4)
+    params = {"a": np.linspace(-1.0, 1.0, 3)}
+    for _ in range(3):
+        co.update_(opt, params, {"a": 2 * params["a"]})
+    opt.memory = 2
+    params["b"] = np.ones(2)
+    for _ in range(4):  # the old ring had 4 slots, the new one would have had 2: no IndexError
+        co.update_(opt, params, {k: 2 * v for k, v in params.items()})
+    store = co.state_store(opt)
+    assert {store.get(x).s.shape[0] for x in params.values()} == {2}
+    assert np.all(np.isfinite(params["a"])) and np.all(np.isfinite(params["b"]))

@@ -69,8 +69,9 @@ class LBFGS(Rule):
         epsilon: smallest curvature $y^T s$ for a pair to count.
 
     State: `s` and `y`, the pairs, each of shape `(memory, *x.shape)` (used as a
-    ring: pair $j$ sits at slot $j \bmod$ `memory`, and a later change of
-    `memory` keeps the size of existing state); `x_prev` and `g_prev`, the
+    ring: pair $j$ sits at slot $j \bmod$ `memory`; a later change of
+    `memory` takes effect when a new parameter joins the tree, or after
+    [reset_][composeopt.reset_]); `x_prev` and `g_prev`, the
     parameter and gradient of the previous step; `t`, the steps taken.
 
     Same as `torch.optim.LBFGS(lr=eta, history_size=memory, max_iter=1,
@@ -113,9 +114,16 @@ class LBFGS(Rule):
         if not xs:
             return []
         xp = namespace(*xs)
-        if len({state.t for state in states}) > 1:  # not one tree's history: start again
+        if len({(state.t, state.s.shape[0]) for state in states}) > 1:
+            # Not one tree's history (a parameter was added or skipped, or `memory` changed
+            # in between): start again, every ring at the current `memory`.
             for state in states:
                 state.t = 0
+                if state.s.shape[0] != self.memory:
+                    state.s = xp.zeros(
+                        (self.memory, *state.s.shape[1:]), dtype=state.s.dtype, device=device(state.s)
+                    )
+                    state.y = xp.zeros_like(state.s)
         t = states[0].t
         size = states[0].s.shape[0]  # the memory the state was made with
         if t > 0:
