@@ -146,3 +146,51 @@ def test_functional_update_equals_in_place_and_leaves_input(backend, case):
         frozen = new
     for key in params:
         np.testing.assert_allclose(backend.to_numpy(frozen[key]), backend.to_numpy(params[key]), rtol=1e-12)
+
+
+# --- no host reads ---------------------------------------------------------------------
+
+READS_ON_THE_HOST = {
+    # Deciding needs a value on the host: whether to raise, or whether to take the step.
+    "ClipNorm()": "throw=True checks the norm",
+    "Optimiser(ClipNorm, WeightDecay, Adam)": "throw=True checks the norm",
+    "SkipNonFinite(Adam)": "one flag per step",
+    "SkipNonFinite(Optimiser(ClipGlobalNorm, Momentum), max_consecutive=3)": "one flag per step",
+}
+"""Registry cases that read an array value on the host (a GPU sync), and why; every other
+case must keep its scalars (norms, trust ratios, means) as 0-d device arrays."""
+
+
+@pytest.fixture
+def no_host_reads(monkeypatch):
+    """array_api_strict arrays that raise when Python asks for their values (bool, float, NumPy)."""
+    strict = pytest.importorskip("array_api_strict")
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("a rule read an array's value on the host")
+
+    for method in ("__bool__", "__float__", "__int__", "__index__", "__complex__", "__array__", "__dlpack__"):
+        monkeypatch.setattr(type(strict.asarray(0.0)), method, refuse)
+    return strict
+
+
+def _strict_params(strict):
+    rng = np.random.default_rng(0)
+    return {
+        "W": strict.asarray(rng.uniform(-2, 2, (3, 4)).tolist()),
+        "b": strict.asarray(rng.uniform(-2, 2, 4).tolist()),
+        "z": strict.zeros((2, 2)),  # zero norms: the trust ratios' where branch
+    }
+
+
+@pytest.mark.parametrize("case", CASE_IDS)
+def test_no_array_value_is_read_on_the_host(no_host_reads, case):
+    params = _strict_params(no_host_reads)
+    opt = CASES[case]()
+    grads = {k: v * 1.5 for k, v in params.items()}
+    if case in READS_ON_THE_HOST:
+        with pytest.raises(AssertionError, match="on the host"):
+            co.update_(opt, params, grads)
+        return
+    for _ in range(3):
+        co.update_(opt, params, {k: v * 1.5 for k, v in params.items()})
