@@ -8,7 +8,7 @@ from typing import Any
 
 from array_api_compat import device
 
-__all__ = ["ema", "bias_corrected_direction", "norm_power", "norm_from_power"]
+__all__ = ["ema", "bias_corrected_direction", "widened", "norm_power", "norm_from_power"]
 
 
 def ema(average: Any, value: Any, decay: float) -> Any:
@@ -30,16 +30,19 @@ def bias_corrected_direction(
     return (mu / (1 - b1**t)) / (xp.sqrt(nu / (1 - b2**t)) + eps)
 
 
-def _wide(xp: ModuleType, a: Any) -> Any:
-    # 16-bit sums of squares overflow (float16 tops out at 65504): reduce in float32 at least.
+def widened(xp: ModuleType, a: Any) -> Any:
+    """`a` in float32 if it is narrower, else `a` itself: what sums over it are reduced in.
+
+    16-bit sums of squares overflow (float16 tops out at 65504).
+    """
     return xp.astype(a, xp.float32) if xp.finfo(a.dtype).bits < 32 else a
 
 
 def norm_power(xp: ModuleType, dx: Any, p: float) -> Any:
     """`sum |dx|^p` as a 0-d array (`max |dx|` for `p = inf`), reduced in float32 or wider."""
     if math.prod(dx.shape) == 0:
-        return xp.zeros((), dtype=_wide(xp, dx).dtype, device=device(dx))
-    magnitude = _wide(xp, xp.abs(dx))
+        return xp.zeros((), dtype=widened(xp, dx).dtype, device=device(dx))
+    magnitude = widened(xp, xp.abs(dx))
     if p == math.inf:
         return xp.max(magnitude)
     if p == 1:

@@ -17,14 +17,14 @@ from .._dispatch import copy, eps_for, namespace
 from ..errors import HyperparameterError
 from ..hyper import Hyper, flag, nonnegative, nonnegative_int, positive, unit_interval
 from ..rule import Rule, State
-from ._math import _wide, ema, norm_power
+from ._math import ema, norm_power, widened
 
 __all__ = ["Adafactor", "SM3"]
 
 
 def _mean(xp: ModuleType, a: Any, axis: int, keepdims: bool = False) -> Any:
     """The mean over `axis`, summed in float32 for 16-bit arrays (their sums overflow), in `a`'s dtype."""
-    return xp.astype(xp.mean(_wide(xp, a), axis=axis, keepdims=keepdims), a.dtype)
+    return xp.astype(xp.mean(widened(xp, a), axis=axis, keepdims=keepdims), a.dtype)
 
 
 def _rms(xp: ModuleType, a: Any) -> Any:

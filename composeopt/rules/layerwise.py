@@ -17,7 +17,7 @@ from array_api_compat import device
 from .._dispatch import copy, eps_for, namespace
 from ..hyper import Hyper, beta_pair, flag, nonnegative, unit_interval
 from ..rule import Rule, State
-from ._math import _wide, bias_corrected_direction, ema, norm_from_power, norm_power
+from ._math import bias_corrected_direction, ema, norm_from_power, norm_power, widened
 
 __all__ = ["Lamb", "Lars", "Novograd", "Fromage", "GradCentralization"]
 
@@ -305,5 +305,5 @@ class GradCentralization(Rule):
         if dx.ndim < 2 or math.prod(dx.shape) == 0:  # the mean of an empty array is NaN
             return dx
         xp = namespace(dx)
-        mean = xp.mean(_wide(xp, dx), axis=tuple(range(1, dx.ndim)), keepdims=True)
+        mean = xp.mean(widened(xp, dx), axis=tuple(range(1, dx.ndim)), keepdims=True)
         return dx - xp.astype(mean, dx.dtype)

@@ -11,19 +11,14 @@ from array_api_compat import device
 from .._dispatch import copy, namespace
 from ..hyper import Hyper, nonnegative, positive_int
 from ..rule import Rule, State
+from ._math import norm_power, widened
 
 __all__ = ["LBFGS"]
 
 
-def _wide_dtype(xp: ModuleType, dtype: Any) -> Any:
-    # Sums of products over a whole tree overflow float16: reduce in float32 at least.
-    return xp.float32 if xp.finfo(dtype).bits < 32 else dtype
-
-
 def _dot(xp: ModuleType, a: Any, b: Any) -> Any:
-    """`sum(a * b)` as a 0-d array, in float32 or wider."""
-    wide = _wide_dtype(xp, a.dtype)
-    return xp.sum(xp.astype(a, wide) * xp.astype(b, wide))
+    """`sum(a * b)` as a 0-d array, in float32 or wider (sums over a tree overflow float16)."""
+    return xp.sum(widened(xp, a) * widened(xp, b))
 
 
 def _tree_dot(xp: ModuleType, pairs: Sequence[tuple[Any, Any]]) -> Any:
@@ -173,6 +168,6 @@ class LBFGS(Rule):
 def _l1(xp: ModuleType, arrays: Sequence[Any]) -> Any:
     total = None
     for a in arrays:
-        part = xp.sum(xp.abs(xp.astype(a, _wide_dtype(xp, a.dtype))))
+        part = norm_power(xp, a, 1)
         total = part if total is None else total + part
     return total
