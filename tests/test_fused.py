@@ -394,7 +394,7 @@ def test_kernel_math_outside_the_subset_is_refused(math_, message):
 
 def test_kernel_scalars_are_the_names_it_reads():
     kernel = co.Adam.fused
-    assert set(kernel.scalar_names) == {"b1", "keep1", "b2", "keep2", "eta", "c1", "c2", "eps"}
+    assert set(kernel.scalar_names) == {"b1", "keep1", "b2", "keep2", "eta", "r1", "r2", "eps"}
     assert not kernel.reads_x and co.WeightDecay.fused.reads_x
 
 

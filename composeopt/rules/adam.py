@@ -10,7 +10,7 @@ from .._fused.kernel import Kernel
 from ..errors import HyperparameterError
 from ..hyper import Hyper, beta_pair, flag, nonnegative, unit_interval
 from ..rule import Rule, State
-from ._math import bias_corrected_direction, ema
+from ._math import DIRECTION, bias_corrected_direction, direction_scalars, ema
 
 __all__ = ["Adam", "RAdam", "AdaMax", "NAdam", "AMSGrad", "OAdam", "AdamW", "AdaBelief", "Yogi", "Adan"]
 
@@ -33,20 +33,21 @@ _MOMENTS = """
 mu = b1 * mu + keep1 * dx
 nu = b2 * nu + keep2 * (dx * dx)
 """
-_DIRECTION = "(mu / c1) / (sqrt(nu / c2) + eps)"
+_DIRECTION = DIRECTION
 
 
 def _moment_scalars(rule: Any, state: State, dtype: Any) -> dict[str, float]:
     """The scalars of the moments and of the bias-corrected direction, `state.t` already advanced."""
     (b1, b2), t = rule.beta, state.t
+    r1, r2 = direction_scalars(rule.beta, t)
     return {
         "eta": rule.eta,
         "b1": b1,
         "keep1": 1 - b1,
         "b2": b2,
         "keep2": 1 - b2,
-        "c1": 1 - b1**t,
-        "c2": 1 - b2**t,
+        "r1": r1,
+        "r2": r2,
         "eps": eps_for(dtype, rule.epsilon),
     }
 
