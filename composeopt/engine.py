@@ -106,6 +106,8 @@ def update_(opt: Rule, params: T, grads: Any) -> T:
     if not isinstance(opt, Rule):
         raise TypeError(f"update_: expected a composeopt Rule, got a {type(opt).__name__}")
     fused = _fused.plan(opt)  # issue 5: fused in-place step, see composeopt/_fused
+    if fused is not None and _fused.batched_step_(fused, opt, state_store(opt), params, grads):
+        return params  # the same tree as the last steps: one call over all of it
     leaves = _collect(opt, params, grads, copy=fused is None)
     for leaf in leaves:
         _check_writable(leaf)

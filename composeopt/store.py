@@ -41,6 +41,13 @@ class IdentityMap:
 
     def __init__(self) -> None:
         self._entries: dict[int, tuple[Callable[[], Any], Any]] = {}
+        self._changes = [0]  # a list, so that the weak references' callbacks can count too
+
+    @property
+    def version(self) -> int:
+        """A number that changes whenever an entry is added, replaced or removed (also by the
+        garbage collector): a cache of what the map holds is stale when it has moved."""
+        return self._changes[0]
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -60,18 +67,22 @@ class IdentityMap:
         key = id(x)
         entry = self._entries.get(key)
         if entry is not None and entry[0]() is x:
-            self._entries[key] = (entry[0], state)
+            if entry[1] is not state:
+                self._entries[key] = (entry[0], state)
+                self._changes[0] += 1
             return
         try:
-            ref: Callable[[], Any] = weakref.ref(x, _forget(self._entries, key))
+            ref: Callable[[], Any] = weakref.ref(x, _forget(self._entries, self._changes, key))
         except TypeError:
             ref = _StrongRef(x)
         self._entries[key] = (ref, state)
+        self._changes[0] += 1
 
     def discard(self, x: Any) -> None:
         """Forget the state of parameter `x`, if any."""
         if x in self:
             del self._entries[id(x)]
+            self._changes[0] += 1
 
     def move(self, old: Any, new: Any) -> None:
         """Hand `old`'s state over to `new` (the functional `update` returns new arrays)."""
@@ -83,6 +94,7 @@ class IdentityMap:
     def clear(self) -> None:
         """Forget every entry."""
         self._entries.clear()
+        self._changes[0] += 1
 
 
 class StateStore(IdentityMap):
@@ -103,12 +115,13 @@ class StateStore(IdentityMap):
         self.step = 0
 
 
-def _forget(entries: dict[int, Any], key: int) -> Callable[[Any], None]:
+def _forget(entries: dict[int, Any], changes: list[int], key: int) -> Callable[[Any], None]:
     # The callback holds the dict, not the store, so that a dead store is not kept alive.
     def forget(ref: Any) -> None:
         entry = entries.get(key)
         if entry is not None and entry[0] is ref:
             del entries[key]
+            changes[0] += 1
 
     return forget
 

@@ -110,3 +110,34 @@ def test_copy_state_copies_arrays_and_recurses():
     assert copied[0].mu[0] == 1.0 and copied[0].t == 3
     assert copied[1][0] is not state[1][0] and copied[2]["k"] is not state[2]["k"]
     assert copied[4] == {1, 2} and copied[4] is not state[4]
+
+
+def test_version_moves_with_every_change_to_what_the_store_holds():
+    store = StateStore()
+    x, y = np.zeros(3), np.zeros(3)
+    seen = [store.version]
+
+    def moved():
+        seen.append(store.version)
+        return seen[-1] != seen[-2]
+
+    state = object()
+    store.set(x, state)
+    assert moved()  # added
+    store.set(x, state)
+    assert not moved()  # the same state again: nothing changed
+    store.set(x, object())
+    assert moved()  # replaced
+    store.move(x, y)
+    assert moved()
+    store.discard(y)
+    assert moved()
+    store.set(x, state)
+    assert moved()
+    del x
+    gc.collect()
+    assert moved() and len(store) == 0  # the garbage collector dropped x's entry
+    store.clear()
+    assert moved()
+    store.frozen.set(y, True)
+    assert not moved() and store.frozen.version == 1  # frozen marks keep their own version

@@ -31,10 +31,11 @@ from .._dispatch import namespace
 from ..errors import ComposeoptError
 from ..rule import Rule, start_step, walk_rules
 from ..store import StateStore
+from . import batch
 from .kernel import Kernel, NormClip
 from .plan import Entry, Plan, make_plan
 
-__all__ = ["MODE", "Kernel", "NormClip", "plan", "step_", "backend_name"]
+__all__ = ["MODE", "Kernel", "NormClip", "plan", "step_", "batched_step_", "backend_name"]
 
 MODE = os.environ.get("COMPOSEOPT_FUSED", "auto")
 """`auto`: numba on the CPU when importable, else blocked NumPy; `numpy`: blocked NumPy
@@ -147,7 +148,17 @@ def step_(fused: Plan, opt: Rule, store: StateStore, leaves: Sequence[Any]) -> b
     for job in jobs:
         if job.new:  # the others were updated in place
             store.set(job.leaf.x, job.state)
+    if backend.name == "numba":
+        batch.remember(fused, store, jobs)
     return True
+
+
+def batched_step_(fused: Plan, opt: Rule, store: StateStore, params: Any, grads: Any) -> bool:
+    """Take the step in one call over every array if the store remembers this tree (see
+    `.batch`) and return `True`; else return `False`, having changed nothing."""
+    if MODE == "off" or MODE == "numpy":
+        return False
+    return batch.step_(fused, opt, store, params, grads)
 
 
 def _restore(saved: list[tuple[Rule, dict[str, Any]]]) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-__all__ = ["thread_count", "run_chunks"]
+__all__ = ["thread_count", "run_chunks", "shares", "run_together"]
 
 PARALLEL_MIN = 1 << 18
 """Below this many elements in big jobs, one thread does it all (waking others costs more)."""
@@ -94,3 +94,18 @@ def _split(sizes: Sequence[int], parts: int) -> list[list[Chunk]]:
         if size == 0:
             shares[share].append((job, 0, 0))
     return shares
+
+
+def shares(sizes: Sequence[int]) -> list[list[Chunk]]:
+    """`(job, lo, hi)` chunks of all the jobs' elements, one share per thread, for work that
+    releases the GIL whatever the jobs' sizes (one call over many small jobs)."""
+    threads = min(thread_count(), max(1, sum(sizes) // PARALLEL_MIN))
+    return _split(sizes, threads)
+
+
+def run_together(calls: Sequence[Callable[[], Any]]) -> None:
+    """Run the calls at once, the first on this thread and the others in the pool."""
+    futures = [_executor(len(calls) - 1).submit(call) for call in calls[1:]]
+    calls[0]()
+    for future in futures:
+        future.result()

@@ -1,0 +1,470 @@
+"""The batched fused step (many arrays, one call; `composeopt._fused.batch`) equals the per-array one.
+
+Once the same tree has taken two fused numba steps in a row, `update_` takes the step from a
+table of addresses.  Whatever happens between steps (freezing, a reset, a checkpoint loaded, a
+state or a parameter replaced by hand, odd or wrong gradients, a failing schedule), the
+result must be exactly that of the per-array path, which the other fused tests hold to the
+generic path.  The reference here is the same code with batching switched off.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import tracemalloc
+import weakref
+
+import numpy as np
+import pytest
+
+import composeopt as co
+from composeopt import _fused
+from composeopt._fused import batch, threads
+from composeopt.errors import ShapeMismatchError, UnsupportedArrayError
+from composeopt.registry import CASES
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("numba") is None, reason="numba is not installed")
+
+STEPS = 7
+FAST_CASES = [case for case in CASES if _fused.make_plan(CASES[case]()) is not None]
+
+
+def generic_steps(make, params, steps, grads):
+    opt = make()
+    saved, _fused.MODE = _fused.MODE, "off"
+    try:
+        for step in range(steps):
+            co.update_(opt, params, grads(params, step))
+    finally:
+        _fused.MODE = saved
+
+
+def assert_close(actual, expected):
+    """float64: 1e-12 relative; float32: a few ulps of the values' scale (as in test_fused)."""
+    for a, e in zip(leaves(actual), leaves(expected), strict=True):
+        assert a.dtype == e.dtype
+        if e.dtype == np.float64:
+            np.testing.assert_allclose(a, e, rtol=1e-12, atol=1e-300)
+        else:
+            scale = float(np.max(np.abs(e), initial=1.0))
+            eps = np.finfo(e.dtype).eps
+            np.testing.assert_allclose(a, e, rtol=4 * eps, atol=4 * eps * scale)
+
+
+@pytest.fixture(autouse=True, params=["copy", "address"])
+def gradients_by(request, monkeypatch):
+    """Every test runs with the gradients copied into one buffer (small arrays) and read
+    where they are (big arrays; here by lowering the size that counts as big)."""
+    monkeypatch.setattr(_fused, "MODE", "auto")
+    if request.param == "address":
+        monkeypatch.setattr(batch, "BATCH_MEAN_SIZE", 0)
+    return request.param
+
+
+@pytest.fixture
+def batched(monkeypatch):
+    """Per call of the batched step: True where it took the step."""
+    results = []
+    original = batch.step_
+
+    def spy(*args):
+        results.append(original(*args))
+        return results[-1]
+
+    monkeypatch.setattr(batch, "step_", spy)
+    return results
+
+
+def model(dtype=np.float32, seed=0):
+    """24 arrays: nested dicts and lists, a 0-d array and an empty one."""
+    rng = np.random.default_rng(seed)
+
+    def array(*shape):
+        return np.asarray(rng.uniform(-2, 2, shape), dtype=dtype)
+
+    return {
+        "layers": [{"W": array(5, 7), "b": array(7)} for _ in range(10)],
+        "scale": array(),
+        "empty": array(0, 3),
+        "embed": (array(33), array(2, 3, 4)),
+    }
+
+
+def leaves(tree):
+    if isinstance(tree, np.ndarray):
+        return [tree]
+    values = tree.values() if isinstance(tree, dict) else tree
+    return [leaf for value in values for leaf in leaves(value)]
+
+
+def gradients(params, step, dtype=None):
+    def grad(x):
+        return np.asarray(np.sin(3 * x + step) + 0.1 * step, dtype=dtype or x.dtype)
+
+    def walk(tree):
+        if isinstance(tree, np.ndarray):
+            return grad(tree)
+        if isinstance(tree, dict):
+            return {key: walk(value) for key, value in tree.items()}
+        return type(tree)(walk(value) for value in tree)
+
+    return walk(params)
+
+
+def run(make, steps=STEPS, *, batching=True, between=None, grads=gradients, dtype=np.float32):
+    """The optimiser and params after `steps` steps; `between(step, opt, params)` runs before
+    each step and may return a new params dict."""
+    saved = batch.BATCH_MIN
+    batch.BATCH_MIN = batch.BATCH_MIN if batching else 10**9
+    try:
+        opt, params = make(), model(dtype)
+        for step in range(steps):
+            changed = between(step, opt, params) if between is not None else None
+            params = changed if isinstance(changed, dict) else params
+            co.update_(opt, params, grads(params, step))
+    finally:
+        batch.BATCH_MIN = saved
+    return opt, params
+
+
+def assert_same(a, b):
+    for x, y in zip(leaves(a), leaves(b), strict=True):
+        np.testing.assert_array_equal(x, y)
+        assert x.dtype == y.dtype
+
+
+def state_values(opt, params):
+    """Every parameter's state as a flat list of arrays and numbers, in tree order."""
+
+    def flat(state):
+        if isinstance(state, np.ndarray):
+            return [state.copy()]
+        if isinstance(state, co.State):
+            return [value for name in sorted(vars(state)) for value in flat(getattr(state, name))]
+        if isinstance(state, (tuple, list)):
+            return [value for item in state for value in flat(item)]
+        return [state]
+
+    store = co.state_store(opt)
+    return [store.step] + [value for x in leaves(params) for value in flat(store.get(x, "none"))]
+
+
+def assert_same_states(opt_a, params_a, opt_b, params_b):
+    for a, b in zip(state_values(opt_a, params_a), state_values(opt_b, params_b), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+# --- equal to the per-array path ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", FAST_CASES)
+def test_every_fast_case_batched_equals_per_array(case, batched):
+    opt, params = run(CASES[case])
+    reference_opt, reference = run(CASES[case], batching=False)
+    assert_same(params, reference)
+    assert_same_states(opt, params, reference_opt, reference)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    "make",
+    [co.Adam, lambda: co.Optimiser(co.ClipValue(1.0), co.WeightDecay(1e-2), co.Adam(1e-2)), co.Lion],
+    ids=["Adam", "ClipValue-WeightDecay-Adam", "Lion"],
+)
+def test_batched_steps_are_taken_and_match_generic(make, dtype, batched):
+    _, params = run(make, dtype=dtype)
+    assert batched == [False, False] + [True] * (STEPS - 2)
+    expected = model(dtype)
+    generic_steps(make, expected, STEPS, gradients)
+    assert_close(params, expected)
+
+
+def test_norm_clips_and_few_arrays_are_not_batched(batched, monkeypatch):
+    run(lambda: co.Optimiser(co.ClipGlobalNorm(1.0), co.Adam()))
+    monkeypatch.setattr(batch, "BATCH_MIN", 100)
+    run(co.Adam)
+    assert not any(batched)
+
+
+def test_parameters_sharing_memory(batched):
+    """Overlapping views (not one array twice) would race between threads: not batched."""
+
+    def make():
+        base = np.linspace(-1, 1, 400, dtype=np.float32)
+        return [base[10 * i : 10 * i + 20] for i in range(30)]  # each overlaps the next
+
+    results = []
+    for batching in (True, False):
+        saved, batch.BATCH_MIN = batch.BATCH_MIN, batch.BATCH_MIN if batching else 10**9
+        try:
+            opt, params = co.Adam(0.1), make()
+            for step in range(STEPS):
+                co.update_(opt, params, [np.cos(x + step) for x in params])
+        finally:
+            batch.BATCH_MIN = saved
+        results.append(params)
+    assert_same(*results)
+    assert not any(batched)
+
+
+def test_gradients_overlapping_the_parameters(gradients_by, batched):
+    """Each gradient a view of the buffer the parameters live in, 3 elements before its
+    parameter: read in place it would see updated values; it must act as a copy."""
+    results = []
+    for batching in (True, False):
+        saved, batch.BATCH_MIN = batch.BATCH_MIN, batch.BATCH_MIN if batching else 10**9
+        try:
+            flat = co.flatten([np.linspace(-1, 1, 50, dtype=np.float32) + i for i in range(30)])
+            opt, params = co.Adam(0.1), flat.tree
+            for _ in range(STEPS):
+                co.update_(opt, params, [flat.data[max(50 * i - 3, 0) :][:50] for i in range(30)])
+        finally:
+            batch.BATCH_MIN = saved
+        results.append(params)
+    assert_same(*results)
+    assert any(batched) == (gradients_by == "copy")  # the copy is what makes them safe
+
+
+def test_which_gradients_are_read_where_they_are(gradients_by, batched):
+    run(co.Adam)
+    assert batched[-1]
+    assert (batch.BATCH_MEAN_SIZE == 0) == (gradients_by == "address")
+
+
+def test_arrays_split_between_threads(batched, monkeypatch):
+    monkeypatch.setattr(threads, "PARALLEL_MIN", 100)
+    monkeypatch.setenv("COMPOSEOPT_NUM_THREADS", "3")
+    assert len(threads.shares([35] * 20 + [33, 24])) == 3  # shares end inside arrays
+    _, params = run(co.Adam)
+    assert batched[-1]
+    monkeypatch.setenv("COMPOSEOPT_NUM_THREADS", "1")
+    assert_same(params, run(co.Adam, batching=False)[1])
+
+
+def _fortran(params, step):
+    return [np.array(g, order="F") for g in leaves(gradients(params, step))]
+
+
+def _read_only(params, step):
+    grads = leaves(gradients(params, step))
+    for g in grads:
+        g.flags.writeable = False
+    return grads
+
+
+def _a_view_of_one_buffer(params, step):
+    flat = co.flatten(gradients(params, step))
+    return flat.tree
+
+
+UNUSUAL_GRADIENTS = {
+    "float64": lambda params, step: gradients(params, step, np.float64),
+    "the-parameters": lambda params, step: params,  # the loss |x|^2 / 2
+    "fortran": _fortran,
+    "read-only": _read_only,
+    "views-of-one-buffer": _a_view_of_one_buffer,
+}
+
+
+@pytest.mark.parametrize("grads", UNUSUAL_GRADIENTS)
+def test_unusual_gradients(grads, batched):
+    make_grads = UNUSUAL_GRADIENTS[grads]
+    make_params = (lambda: leaves(model())) if grads in ("fortran", "read-only") else model
+    results = []
+    for batching in (True, False):
+        saved, batch.BATCH_MIN = batch.BATCH_MIN, batch.BATCH_MIN if batching else 10**9
+        try:
+            opt, params = co.Adam(0.1), make_params()
+            for step in range(STEPS):
+                co.update_(opt, params, make_grads(params, step))
+        finally:
+            batch.BATCH_MIN = saved
+        results.append(params)
+    assert_same(*results)
+
+
+# --- whatever changes between steps -------------------------------------------------------
+
+
+def _replace_state_array(opt, params):
+    state = co.state_store(opt).get(params["layers"][3]["W"])[1]  # (WeightDecay, Adam)
+    state.mu = np.full_like(state.mu, 0.5)
+
+
+def _replace_counter(opt, params):
+    co.state_store(opt).get(params["layers"][3]["b"])[1].t = 1
+
+
+def _replace_parameter(opt, params):
+    params["layers"][2]["W"] = np.ones((5, 7), dtype=np.float32)
+
+
+def _drop_and_add_parameters(opt, params):
+    params["layers"].pop(4)
+    gc.collect()  # its state goes; a new array may take its id
+    params["layers"].append({"W": np.zeros((5, 7), np.float32), "b": np.zeros(7, np.float32)})
+
+
+def _checkpoint_round_trip(opt, params):
+    saved = co.state_dict(opt, params)
+    co.update_(opt, params, gradients(params, 100))  # a step the checkpoint forgets
+    co.load_state_dict(opt, params, saved)
+
+
+def _reorder_parameters(opt, params):
+    layers = params["layers"]
+    layers[0], layers[1] = layers[1], layers[0]  # the same arrays, each with its state, elsewhere
+
+
+def _tie_parameters(opt, params):
+    params["layers"][5]["b"] = params["layers"][6]["b"]  # one array twice: summed gradients
+
+
+def _rebuilt_tree(opt, params):
+    return {**params, "layers": list(params["layers"])}  # new containers, same arrays
+
+
+CHANGES = {
+    "freeze": lambda opt, params: co.freeze_(opt, params["layers"][1]),
+    "freeze-then-thaw": lambda opt, params: co.thaw_(co.freeze_(opt, params), params),
+    "reset": lambda opt, params: co.reset_(opt),
+    "adjust": lambda opt, params: co.adjust_(opt, 0.5),
+    "state-array-replaced": _replace_state_array,
+    "counter-replaced": _replace_counter,
+    "parameter-replaced": _replace_parameter,
+    "parameters-dropped-and-added": _drop_and_add_parameters,
+    "checkpoint": _checkpoint_round_trip,
+    "new-containers": _rebuilt_tree,
+    "reordered": _reorder_parameters,
+    "tied": _tie_parameters,
+}
+
+
+@pytest.mark.parametrize("change", CHANGES)
+def test_changes_between_steps(change, batched):
+    def between(step, opt, params):
+        return CHANGES[change](opt, params) if step == 4 else None
+
+    make = lambda: co.Optimiser(co.WeightDecay(1e-2), co.Adam(0.1))  # noqa: E731
+    opt, params = run(make, between=between)
+    assert batched[2:4] == [True, True]
+    reference_opt, reference = run(make, batching=False, between=between)
+    assert_same(params, reference)
+    assert_same_states(opt, params, reference_opt, reference)
+
+
+def test_a_missing_gradient_skips_its_parameter(batched):
+    def grads(params, step):
+        tree = gradients(params, step)
+        if step >= 4:
+            tree["layers"][0]["W"] = None
+        return tree
+
+    _, params = run(co.Adam, grads=grads)
+    assert_same(params, run(co.Adam, batching=False, grads=grads)[1])
+
+
+def test_two_trees_taking_turns(batched):
+    opt, a, b = co.Adam(0.1), model(seed=1), model(seed=2)
+    reference_opt, ra, rb = co.Adam(0.1), model(seed=1), model(seed=2)
+    for step in range(8):
+        co.update_(opt, a if step % 2 else b, gradients(a if step % 2 else b, step))
+        batch.BATCH_MIN, saved = 10**9, batch.BATCH_MIN
+        co.update_(reference_opt, ra if step % 2 else rb, gradients(ra if step % 2 else rb, step))
+        batch.BATCH_MIN = saved
+    assert_same((a, b), (ra, rb))
+
+
+class _Switch(co.RMSProp):
+    """RMSProp that turns centred from step 5 on: a kernel change made by begin_step."""
+
+    def begin_step(self, step):
+        self.centred = step >= 5
+
+
+_Switch.fused = co.RMSProp.__dict__["fused"]  # claims the fast path all the same
+
+
+def test_a_kernel_change_made_by_begin_step(batched):
+    _, params = run(_Switch)
+    assert batched[:4] == [False, False, True, True] and not any(batched[4:])
+    expected = model()
+    generic_steps(_Switch, expected, STEPS, gradients)
+    assert_close(params, expected)
+
+
+# --- errors: the ordinary path names the parameter, and nothing is changed ----------------
+
+
+class _Failing(co.Adam):
+    """Adam whose schedule fails at one step."""
+
+    def begin_step(self, step):
+        if step == 5:
+            raise RuntimeError("schedule failed")
+
+
+_Failing.fused = co.Adam.__dict__["fused"]
+
+
+@pytest.mark.parametrize(
+    "spoil, error, message",
+    [
+        (lambda g: g["layers"][6].update(W=np.ones((7, 5), np.float32)), ShapeMismatchError, r"\['W'\]"),
+        (lambda g: g["layers"][6].update(b=np.ones(7, np.int64)), UnsupportedArrayError, "int64"),
+        (lambda g: g["layers"][6].update(b=[1.0] * 7), UnsupportedArrayError, r"\['b'\]"),
+        (lambda g: g.pop("scale"), co.errors.TreeStructureError, "scale"),
+        (None, RuntimeError, "schedule failed"),
+    ],
+    ids=["shape", "integer", "list", "missing-key", "failing-schedule"],
+)
+def test_a_bad_step_changes_nothing(spoil, error, message, batched):
+    opt, params = run(co.Adam if spoil else _Failing, steps=4)  # _Failing's schedule fails at step 5
+    assert batched[-2:] == [True, True]
+    before, states = [x.copy() for x in leaves(params)], state_values(opt, params)
+    grads = gradients(params, 4)
+    if spoil is not None:
+        spoil(grads)
+    with pytest.raises(error, match=message):
+        co.update_(opt, params, grads)
+    assert_same(params_list := leaves(params), before)
+    for a, b in zip(state_values(opt, params), states, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert len(params_list) == 24
+
+
+# --- memory ---------------------------------------------------------------------------
+
+
+def test_no_allocation_per_batched_step(batched):
+    params = [np.ones(1000, dtype=np.float32) for _ in range(200)]
+    grads = [np.full(1000, 0.5, dtype=np.float32) for _ in range(200)]
+    opt = co.Optimiser(co.ClipValue(1.0), co.WeightDecay(1e-4), co.Adam())
+    for _ in range(3):
+        co.update_(opt, params, grads)
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base, _ = tracemalloc.get_traced_memory()
+        for _ in range(3):
+            co.update_(opt, params, grads)
+        current, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert batched[-3:] == [True] * 3
+    assert peak - base < 64 * 1024, f"a step allocated {peak - base} bytes"
+    assert current - base < 4 * 1024
+
+
+def test_a_batch_keeps_neither_parameters_nor_the_optimiser_alive(batched):
+    opt, params = run(co.Adam)
+    assert batched[-1]
+    alive = [weakref.ref(x) for x in leaves(params)]
+    opt_alive = weakref.ref(opt)
+    del params
+    gc.collect()
+    assert all(ref() is None for ref in alive)
+    assert len(co.state_store(opt)) == 0
+    del opt
+    gc.collect()
+    assert opt_alive() is None
