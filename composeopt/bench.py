@@ -14,6 +14,8 @@ threads, timed alternately with each implementation in the same run.  Sets:
 Peers that are installed run side by side (torch.optim for-loop, foreach and
 fused; optax under `jax.jit`; plain NumPy written two ways); missing ones
 are skipped.  Timings are medians of `--reps` steps after two warm-up steps.
+Where CuPy sees a GPU, the same sets run there too (`--device`, see
+`composeopt.bench_gpu`), against torch on CUDA and the device's copy bandwidth.
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from . import _fused
+from . import _fused, bench_gpu
 from .chain import Optimiser
 from .engine import update_
 from .flat import flatten
@@ -47,6 +49,7 @@ SETS = ("big", "resnet50", "many", "many-flat", "chain")
 LR, B1, B2, EPS, CLIP, DECAY = 1e-3, 0.9, 0.999, 1e-8, 1.0, 1e-4
 
 Step = Callable[[], None]
+SETTLE_SECONDS = 0.003
 
 
 def resnet50_shapes() -> list[tuple[int, ...]]:
@@ -230,6 +233,18 @@ def _floor_step(elements: int) -> tuple[Step, str]:
     return step, how
 
 
+def _settle() -> None:
+    """Wait `SETTLE_SECONDS` without sleeping.
+
+    OpenMP threads (torch's) spin for a while after their work, on the cores that the next
+    call needs: waiting lets them go idle, so that no call pays for the one before.  Busy,
+    not asleep, so that the CPU does not drop into a power-saving state either.
+    """
+    end = time.perf_counter() + SETTLE_SECONDS
+    while time.perf_counter() < end:
+        pass
+
+
 def _time_beside(step: Step, floor: Step, reps: int) -> tuple[float, float]:
     """Median seconds of `step` and of `floor`, timed alternately: on a shared machine both
     see the same conditions, so their ratio is steadier than either time."""
@@ -239,6 +254,7 @@ def _time_beside(step: Step, floor: Step, reps: int) -> tuple[float, float]:
     times: tuple[list[float], list[float]] = ([], [])
     for _ in range(reps):
         for function, samples in ((step, times[0]), (floor, times[1])):
+            _settle()
             start = time.perf_counter()
             function()
             samples.append(time.perf_counter() - start)
@@ -274,6 +290,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--only", default="", help="comma-separated words: run implementations whose name has one"
     )
     parser.add_argument("--json", default=None, help="write the results to this file")
+    parser.add_argument(
+        "--device",
+        choices=("auto", "cpu", "gpu"),
+        default="auto",
+        help="auto: the CPU sets, and the GPU sets too when CuPy sees a GPU",
+    )
     args = parser.parse_args(argv)
     scale = args.scale if args.scale is not None else (1 / 16 if args.quick else 1.0)
     reps = args.reps or (5 if args.quick else 15)
@@ -290,13 +312,41 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     unknown = set(sets) - set(SETS)
     if unknown:
         parser.error(f"unknown sets {sorted(unknown)}")
-    impls = _implementations({word for word in args.only.split(",") if word} or None)
+    only = {word for word in args.only.split(",") if word} or None
+    report: dict[str, Any] = {
+        "machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": threads},
+        "scale": scale,
+        "reps": reps,
+    }
+    if args.device in ("auto", "cpu"):
+        results, how = _run(sets, _implementations(only), _floor_step, scale, reps)
+        report.update(floor={"bytes_per_element": BYTES_PER_ELEMENT, "measured_with": how}, results=results)
+        print(_table(report, sets))
+    if args.device == "gpu" and not bench_gpu.gpu_available():
+        parser.error("--device gpu: CuPy sees no GPU")
+    if args.device in ("auto", "gpu") and bench_gpu.gpu_available():
+        report["gpu"] = _gpu_report(sets, only, scale, reps)
+        print(_table(report["gpu"], sets))
+    if args.json:
+        with open(args.json, "w") as file:
+            json.dump(report, file, indent=2)
+    return report
+
+
+def _run(
+    sets: list[str],
+    impls: dict[str, Callable[[str, list[tuple[int, ...]]], Step | None]],
+    floor_step: Callable[[int], tuple[Step, str]],
+    scale: float,
+    reps: int,
+) -> tuple[list[dict[str, Any]], str]:
+    """Every implementation on every set, each timed alternately with the set's floor."""
     results: list[dict[str, Any]] = []
     how = ""
     for set_name in sets:
         shapes = _shapes(set_name, scale)
         elements = sum(int(np.prod(shape)) for shape in shapes)
-        floor, how = _floor_step(elements)
+        floor, how = floor_step(elements)
         for impl, make in impls.items():
             step = make(set_name, shapes)
             if step is None:
@@ -311,6 +361,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     "elements": elements,
                     "ms": ms,
                     "floor_ms": floor_ms,
+                    "GB/s": BYTES_PER_ELEMENT * elements / seconds / 1e9,
                     "floor_GB/s": BYTES_PER_ELEMENT * elements / floor_seconds / 1e9,
                     "x_floor": ms / floor_ms,
                 }
@@ -318,24 +369,34 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             del step
             gc.collect()
         del floor
-    report = {
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": threads},
-        "floor": {"bytes_per_element": BYTES_PER_ELEMENT, "measured_with": how},
-        "scale": scale,
-        "reps": reps,
+    return results, how
+
+
+def _gpu_report(sets: list[str], only: set[str] | None, scale: float, reps: int) -> dict[str, Any]:
+    """The GPU sets, and each row's share of the device's copy bandwidth."""
+    import cupy
+
+    impls = bench_gpu.implementations((LR, CLIP, DECAY), (B1, B2), EPS)
+    if only:
+        impls = {name: make for name, make in impls.items() if any(word in name for word in only)}
+    copy = bench_gpu.copy_bandwidth(int(np.prod(_shapes("big", scale)[0])), reps)
+    results, how = _run(sets, impls, bench_gpu.floor_step, scale, reps)
+    for row in results:
+        row["of_copy_bandwidth"] = row["GB/s"] / copy
+    return {
+        "machine": {"device": cupy.cuda.runtime.getDeviceProperties(0)["name"].decode(), "threads": "GPU"},
+        "floor": {"bytes_per_element": BYTES_PER_ELEMENT, "measured_with": how, "copy_GB/s": copy},
         "results": results,
     }
-    print(_table(report, sets))
-    if args.json:
-        with open(args.json, "w") as file:
-            json.dump(report, file, indent=2)
-    return report
 
 
 def _table(report: dict[str, Any], sets: list[str]) -> str:
     cells: dict[str, dict[str, str]] = {}
     for row in report["results"]:
-        cells.setdefault(row["impl"], {})[row["set"]] = f"{row['ms']:.2f} ms ({row['x_floor']:.2f}×)"
+        cell = f"{row['ms']:.2f} ms ({row['x_floor']:.2f}×"
+        if "of_copy_bandwidth" in row:
+            cell += f", {100 * row['of_copy_bandwidth']:.0f} % of copy"
+        cells.setdefault(row["impl"], {})[row["set"]] = cell + ")"
     floors: dict[str, list[float]] = {}
     for row in report["results"]:
         floors.setdefault(row["set"], []).append(row["floor_ms"])
@@ -343,10 +404,12 @@ def _table(report: dict[str, Any], sets: list[str]) -> str:
         "implementation",
         *(f"{name} (floor {statistics.median(floors.get(name, [0.0])):.2f} ms)" for name in sets),
     ]
+    where = report["machine"].get("device") or f"{report['machine']['threads']} threads"
+    copy = report["floor"].get("copy_GB/s")
     lines = [
         f"Adam float32, ms per step (× floor, the floor timed alternately with each row); floor: "
-        f"{BYTES_PER_ELEMENT} B/element, {report['floor']['measured_with']}; "
-        f"{report['machine']['threads']} threads",
+        f"{BYTES_PER_ELEMENT} B/element, {report['floor']['measured_with']}; {where}"
+        + (f"; device copy bandwidth {copy:.0f} GB/s" if copy else ""),
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
     ]

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 
+import pytest
+
 from composeopt import bench
 
 
@@ -26,3 +28,24 @@ def test_bench_runs_and_writes_json(tmp_path, capsys):
     assert saved["results"] == report["results"]
     assert {row["set"] for row in saved["results"]} == set(bench.SETS)
     assert all(row["ms"] > 0 and row["x_floor"] > 0 for row in saved["results"])
+
+
+def test_gpu_sets_are_refused_without_a_gpu(capsys):
+    if bench.bench_gpu.gpu_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(SystemExit):
+        bench.main(["--device", "gpu", "--scale", "0.0005", "--reps", "1"])
+    assert "sees no GPU" in capsys.readouterr().err
+
+
+@pytest.mark.cupy
+def test_gpu_sets_run_and_report_copy_bandwidth(tmp_path, capsys):
+    if not bench.bench_gpu.gpu_available():
+        pytest.skip("needs CuPy and a GPU")
+    path = tmp_path / "bench.json"
+    report = bench.main(["--device", "gpu", "--scale", "0.001", "--reps", "2", "--json", str(path)])
+    assert "of copy" in capsys.readouterr().out
+    gpu = json.loads(path.read_text())["gpu"]
+    assert gpu["floor"]["copy_GB/s"] > 0 and gpu == report["gpu"]
+    assert {row["impl"] for row in gpu["results"]} >= {"composeopt fused (CuPy)", "composeopt generic (CuPy)"}
+    assert all(row["of_copy_bandwidth"] > 0 for row in gpu["results"])
