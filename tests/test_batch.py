@@ -127,6 +127,21 @@ def run(make, steps=STEPS, *, batching=True, between=None, grads=gradients, dtyp
     return opt, params
 
 
+def both_ways(make_params, make_grads):
+    """Adam(0.1) for STEPS steps, with and without batching: the two params trees."""
+    results = []
+    for batching in (True, False):
+        saved, batch.BATCH_MIN = batch.BATCH_MIN, batch.BATCH_MIN if batching else 10**9
+        try:
+            opt, params = co.Adam(0.1), make_params()
+            for step in range(STEPS):
+                co.update_(opt, params, make_grads(params, step))
+        finally:
+            batch.BATCH_MIN = saved
+        results.append(params)
+    return results
+
+
 def assert_same(a, b):
     for x, y in zip(leaves(a), leaves(b), strict=True):
         np.testing.assert_array_equal(x, y)
@@ -193,35 +208,23 @@ def test_parameters_sharing_memory(batched):
         base = np.linspace(-1, 1, 400, dtype=np.float32)
         return [base[10 * i : 10 * i + 20] for i in range(30)]  # each overlaps the next
 
-    results = []
-    for batching in (True, False):
-        saved, batch.BATCH_MIN = batch.BATCH_MIN, batch.BATCH_MIN if batching else 10**9
-        try:
-            opt, params = co.Adam(0.1), make()
-            for step in range(STEPS):
-                co.update_(opt, params, [np.cos(x + step) for x in params])
-        finally:
-            batch.BATCH_MIN = saved
-        results.append(params)
-    assert_same(*results)
+    assert_same(*both_ways(make, lambda params, step: [np.cos(x + step) for x in params]))
     assert not any(batched)
 
 
 def test_gradients_overlapping_the_parameters(gradients_by, batched):
     """Each gradient a view of the buffer the parameters live in, 3 elements before its
     parameter: read in place it would see updated values; it must act as a copy."""
-    results = []
-    for batching in (True, False):
-        saved, batch.BATCH_MIN = batch.BATCH_MIN, batch.BATCH_MIN if batching else 10**9
-        try:
-            flat = co.flatten([np.linspace(-1, 1, 50, dtype=np.float32) + i for i in range(30)])
-            opt, params = co.Adam(0.1), flat.tree
-            for _ in range(STEPS):
-                co.update_(opt, params, [flat.data[max(50 * i - 3, 0) :][:50] for i in range(30)])
-        finally:
-            batch.BATCH_MIN = saved
-        results.append(params)
-    assert_same(*results)
+    flat = []
+
+    def make():
+        flat[:] = [co.flatten([np.linspace(-1, 1, 50, dtype=np.float32) + i for i in range(30)])]
+        return flat[0].tree
+
+    def grads(params, step):
+        return [flat[0].data[max(50 * i - 3, 0) :][:50] for i in range(30)]
+
+    assert_same(*both_ways(make, grads))
     assert any(batched) == (gradients_by == "copy")  # the copy is what makes them safe
 
 
@@ -270,17 +273,7 @@ UNUSUAL_GRADIENTS = {
 def test_unusual_gradients(grads, batched):
     make_grads = UNUSUAL_GRADIENTS[grads]
     make_params = (lambda: leaves(model())) if grads in ("fortran", "read-only") else model
-    results = []
-    for batching in (True, False):
-        saved, batch.BATCH_MIN = batch.BATCH_MIN, batch.BATCH_MIN if batching else 10**9
-        try:
-            opt, params = co.Adam(0.1), make_params()
-            for step in range(STEPS):
-                co.update_(opt, params, make_grads(params, step))
-        finally:
-            batch.BATCH_MIN = saved
-        results.append(params)
-    assert_same(*results)
+    assert_same(*both_ways(make_params, make_grads))
 
 
 # --- whatever changes between steps -------------------------------------------------------
