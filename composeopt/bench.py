@@ -49,7 +49,7 @@ SETS = ("big", "resnet50", "many", "many-flat", "chain")
 LR, B1, B2, EPS, CLIP, DECAY = 1e-3, 0.9, 0.999, 1e-8, 1.0, 1e-4
 
 Step = Callable[[], None]
-SETTLE_SECONDS = 0.003
+SETTLE_SECONDS = 0.02
 
 
 def resnet50_shapes() -> list[tuple[int, ...]]:
@@ -236,25 +236,34 @@ def _floor_step(elements: int) -> tuple[Step, str]:
 def _settle() -> None:
     """Wait `SETTLE_SECONDS` without sleeping.
 
-    OpenMP threads (torch's) spin for a while after their work, on the cores that the next
-    call needs: waiting lets them go idle, so that no call pays for the one before.  Busy,
-    not asleep, so that the CPU does not drop into a power-saving state either.
+    OpenMP threads (torch's) and XLA's spin for several milliseconds after their work, on
+    the cores that the next call needs: the call after such a step waits for them to go
+    idle, so that it does not pay for the step before it.  Busy, not asleep, so that this
+    thread's core stays awake.  Other steps are followed at once, as an optimiser step
+    follows the backward pass: waiting costs a small step its warm cores.
     """
     end = time.perf_counter() + SETTLE_SECONDS
     while time.perf_counter() < end:
         pass
 
 
-def _time_beside(step: Step, floor: Step, reps: int) -> tuple[float, float]:
+def _spins(impl: str) -> bool:
+    """Whether the implementation leaves threads spinning after a step (see `_settle`)."""
+    return impl.startswith(("torch", "optax"))
+
+
+def _time_beside(step: Step, floor: Step, reps: int, settle: tuple[bool, bool]) -> tuple[float, float]:
     """Median seconds of `step` and of `floor`, timed alternately: on a shared machine both
-    see the same conditions, so their ratio is steadier than either time."""
+    see the same conditions, so their ratio is steadier than either time.  `settle` says
+    whether to `_settle` before `step` and before `floor`."""
     for _ in range(2):
         step()
         floor()
     times: tuple[list[float], list[float]] = ([], [])
     for _ in range(reps):
-        for function, samples in ((step, times[0]), (floor, times[1])):
-            _settle()
+        for function, samples, wait in ((step, times[0], settle[0]), (floor, times[1], settle[1])):
+            if wait:
+                _settle()
             start = time.perf_counter()
             function()
             samples.append(time.perf_counter() - start)
@@ -322,6 +331,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results, how = _run(sets, _implementations(only), _floor_step, scale, reps)
         report.update(floor={"bytes_per_element": BYTES_PER_ELEMENT, "measured_with": how}, results=results)
         print(_table(report, sets))
+        impls = _implementations(None)
+        pair = ("composeopt fused (numba)", "torch.optim.Adam fused")
+        if all(name in impls for name in pair) and (only is None or any(word in pair[0] for word in only)):
+            report["head_to_head"] = _head_to_head(sets, impls[pair[0]], impls[pair[1]], scale, reps)
+            print(_head_to_head_line(report["head_to_head"]))
     if args.device == "gpu" and not bench_gpu.gpu_available():
         parser.error("--device gpu: CuPy sees no GPU")
     if args.device in ("auto", "gpu") and bench_gpu.gpu_available():
@@ -351,7 +365,7 @@ def _run(
             step = make(set_name, shapes)
             if step is None:
                 continue
-            seconds, floor_seconds = _time_beside(step, floor, reps)
+            seconds, floor_seconds = _time_beside(step, floor, reps, settle=(False, _spins(impl)))
             ms, floor_ms = 1e3 * seconds, 1e3 * floor_seconds
             results.append(
                 {
@@ -370,6 +384,45 @@ def _run(
             gc.collect()
         del floor
     return results, how
+
+
+def _head_to_head(
+    sets: list[str],
+    ours: Callable[[str, list[tuple[int, ...]]], Step | None],
+    theirs: Callable[[str, list[tuple[int, ...]]], Step | None],
+    scale: float,
+    reps: int,
+) -> list[dict[str, Any]]:
+    """composeopt's fused step and torch's, timed alternately with each other on every set:
+    rows of the main table are timed one after the other, so on a shared machine they drift
+    apart by more than the few per cent between these two."""
+    rows = []
+    for set_name in sets:
+        shapes = _shapes(set_name, scale)
+        step, other = ours(set_name, shapes), theirs(set_name, shapes)
+        if step is None or other is None:
+            continue
+        # Both wait before their turn: torch's threads go idle, and each starts from the same state.
+        their_seconds, our_seconds = _time_beside(other, step, reps, settle=(True, True))
+        rows.append(
+            {
+                "set": set_name,
+                "composeopt_ms": 1e3 * our_seconds,
+                "torch_fused_ms": 1e3 * their_seconds,
+                "ratio": our_seconds / their_seconds,
+            }
+        )
+        del step, other
+        gc.collect()
+    return rows
+
+
+def _head_to_head_line(rows: list[dict[str, Any]]) -> str:
+    cells = ", ".join(
+        f"{row['set']} {row['composeopt_ms']:.2f} / {row['torch_fused_ms']:.2f} ms = {row['ratio']:.2f}×"
+        for row in rows
+    )
+    return f"composeopt fused (numba) / torch.optim.Adam fused, timed alternately: {cells}"
 
 
 def _gpu_report(sets: list[str], only: set[str] | None, scale: float, reps: int) -> dict[str, Any]:
