@@ -461,3 +461,56 @@ def test_a_batch_keeps_neither_parameters_nor_the_optimiser_alive(batched):
     del opt
     gc.collect()
     assert opt_alive() is None
+
+
+_FAIL = [False]
+
+
+def _fragile_scalars(rule, state, dtype):
+    if _FAIL[0]:
+        raise RuntimeError("scalars failed")
+    return co.Adam.fused.scalars(rule, state, dtype)
+
+
+class _FragileAdam(co.Adam):
+    """Adam whose fast path's scalars fail on demand (a bug in a user's kernel)."""
+
+    fused = _fused.Kernel(co.Adam.fused.math, _fragile_scalars, state=("mu", "nu"), counter="t")
+
+
+def test_a_batched_step_whose_scalars_fail_changes_nothing(batched):
+    opt, params = run(_FragileAdam, steps=4)
+    assert batched[-1]
+    before, states = [x.copy() for x in leaves(params)], state_values(opt, params)
+    _FAIL[0] = True
+    try:
+        with pytest.raises(RuntimeError, match="scalars failed"):
+            co.update_(opt, params, gradients(params, 4))
+    finally:
+        _FAIL[0] = False
+    assert_same(leaves(params), before)
+    for a, b in zip(state_values(opt, params), states, strict=True):
+        np.testing.assert_array_equal(a, b)
+    co.update_(opt, params, gradients(params, 4))  # and the batch goes on
+    assert batched[-1]
+
+
+def test_mixed_dtypes_or_step_counts_are_not_batched(batched):
+    opt, params = co.Adam(), model()
+    params["embed"] = (params["embed"][0].astype(np.float64), params["embed"][1])
+    for step in range(5):
+        co.update_(opt, params, gradients(params, step))
+    opt, params = co.Adam(), model()
+    co.update_(opt, params["layers"], gradients(params, 0)["layers"])  # the layers one step ahead
+    for step in range(5):
+        co.update_(opt, params, gradients(params, step))
+    assert not any(batched)
+
+
+def test_a_state_attribute_deleted_by_hand(batched):
+    opt, params = run(co.Adam, steps=4)
+    assert batched[-1]
+    del co.state_store(opt).get(params["layers"][0]["W"]).mu
+    with pytest.raises(AttributeError, match="mu"):
+        co.update_(opt, params, gradients(params, 4))
+    assert batched[-1] is False

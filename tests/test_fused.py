@@ -492,3 +492,37 @@ def test_the_fast_path_keeps_no_parameter_alive(mode):
     gc.collect()
     assert alive() is None
     assert len(co.state_store(opt)) == 0
+
+
+_FAIL = [False]
+
+
+def _fragile_scalars(rule, state, dtype):
+    if _FAIL[0]:
+        raise RuntimeError("scalars failed")
+    return co.Adam.fused.scalars(rule, state, dtype)
+
+
+class _FragileAdam(co.Adam):
+    """Adam whose fast path's scalars fail on demand (a bug in a user's kernel)."""
+
+    fused = Kernel(co.Adam.fused.math, _fragile_scalars, state=("mu", "nu"), counter="t")
+
+
+def test_a_step_whose_scalars_fail_changes_nothing(mode, taken):
+    params = [np.linspace(-1, 1, 5) + i for i in range(3)]
+    opt = co.Optimiser(co.WeightDecay(0.1), _FragileAdam(0.1))
+    co.update_(opt, params, [np.cos(x) for x in params])
+    before = [x.copy() for x in params]
+    states = [repr(co.state_store(opt).get(x)) for x in params]
+    _FAIL[0] = True
+    try:
+        with pytest.raises(RuntimeError, match="scalars failed"):
+            co.update_(opt, params, [np.cos(x) for x in params])
+    finally:
+        _FAIL[0] = False
+    assert taken == [True]  # the failing step raised inside the fast path
+    for x, y in zip(params, before):
+        np.testing.assert_array_equal(x, y)
+    assert [repr(co.state_store(opt).get(x)) for x in params] == states  # t, mu, nu as they were
+    assert co.state_store(opt).step == 1

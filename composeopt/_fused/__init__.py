@@ -269,13 +269,15 @@ def _check(backend: Backend, layout: Any, state: Any, x: Any) -> _Checked | None
 
 def _run(backend: Backend, fused: Plan, store: StateStore, jobs: list[_Job]) -> None:
     entries = _entries(fused)
-    for position, entry in enumerate(entries):  # the step counters first, as each apply_ does
-        counter = entry.kernel.counter
-        if counter is not None:
-            for job in jobs:
-                rule_state = job.rule_states[position]
-                setattr(rule_state, counter, getattr(rule_state, counter) + 1)
+    _advance_counters(entries, jobs, 1)  # the step counters first, as each apply_ does
     scalars = _Scalars(backend, entries)
+    try:  # every scalar before any kernel runs: a rule whose scalars fail leaves nothing changed
+        for position in range(len(entries)):
+            for job in jobs:
+                scalars.values_of(position, job)
+    except BaseException:
+        _advance_counters(entries, jobs, -1)
+        raise
     first = 0  # the plan's position of the stage's first entry
     arrays_first = 0  # and of its first state array
     for number, stage in enumerate(fused.stages):
@@ -311,6 +313,15 @@ def _run(backend: Backend, fused: Plan, store: StateStore, jobs: list[_Job]) -> 
         arrays_first += arrays_count
 
 
+def _advance_counters(entries: list[Entry], jobs: list[_Job], by: int) -> None:
+    for position, entry in enumerate(entries):
+        counter = entry.kernel.counter
+        if counter is not None:
+            for job in jobs:
+                rule_state = job.rule_states[position]
+                setattr(rule_state, counter, getattr(rule_state, counter) + by)
+
+
 class _Scalars:
     """Each rule's scalars for this step, computed once per distinct (dtype, counter) of the leaves."""
 
@@ -320,7 +331,7 @@ class _Scalars:
         self.values: list[dict[Any, list[float]]] = [{} for _ in entries]
         self.vectors: dict[Any, Any] = {}
 
-    def _of(self, position: int, job: _Job) -> tuple[Any, list[float]]:
+    def values_of(self, position: int, job: _Job) -> tuple[Any, list[float]]:
         entry = self.entries[position]
         rule_state = job.rule_states[position]
         counter = entry.kernel.counter
@@ -335,7 +346,7 @@ class _Scalars:
         """The scalars of the stage's rules for this job, as the backend's kernels take them."""
         keys, values = [], []
         for position in range(first, first + count):
-            key, part = self._of(position, job)
+            key, part = self.values_of(position, job)
             keys.append(key)
             values.extend(part)
         if scale is not None:
