@@ -9,6 +9,8 @@ and writes `x` and the states in one pass per stage.  Anything it does not
 know (a user rule, a subclass that changes a rule's behaviour, float16, a
 non-contiguous array, a state that is not what `init` makes) takes the
 generic path instead, on the same states: the two paths can alternate.
+Before all that, `batched_step_` looks for a tree that the last numba steps
+have seen already, and updates it in one call (`.batch`).
 
 The backend follows the arrays: numba on NumPy arrays (or, without numba, a
 cache-blocked NumPy `out=` path), CuPy `ElementwiseKernel` s on CuPy arrays.

@@ -8,7 +8,9 @@ reads the gradient `g`, each rule's state and `x` once, and writes the
 state and `x` (or the stage's output `out`) once.  Functions are compiled
 lazily per dtype, with `cache=True`, and without `fastmath`: the loop is
 vectorised all the same (`error_model="numpy"`), and every rounding happens
-exactly as in the rule's generic NumPy code.
+exactly as in the rule's generic NumPy code.  A tree that comes back step
+after step is run by `batch(chunks, ..., k, addresses)` instead: the same
+loop, over every array of the tree in one call per thread (see `.batch`).
 """
 
 from __future__ import annotations
