@@ -26,7 +26,7 @@ from ._dispatch import is_array, namespace
 from .engine import state_store
 from .errors import CheckpointError
 from .hyper import is_scheduled
-from .rule import Rule, State, walk_rules
+from .rule import Rule, State, keep_hyperparameters, walk_rules
 from .tree import array_leaves
 
 __all__ = ["FORMAT", "VERSION", "state_dict", "load_state_dict", "save", "load"]
@@ -198,15 +198,13 @@ def load_state_dict(opt: Rule, params: Any, checkpoint: dict[str, Any], strict: 
         if path in checkpoint["states"]
     }
     rules = list(walk_rules(opt))
-    before = [(rule, dict(vars(rule))) for rule in rules]
+    restore = keep_hyperparameters(opt)
     try:
         for rule, values in zip(rules, checkpoint["hyperparameters"]):
             for name, value in values.items():
                 setattr(rule, name, tuple(value) if isinstance(value, list) else value)
     except BaseException:
-        for rule, kept in before:
-            vars(rule).clear()
-            vars(rule).update(kept)
+        restore()
         raise
     store = state_store(opt)
     store.step = checkpoint["step"]

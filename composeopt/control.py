@@ -7,7 +7,7 @@ from typing import Any, TypeVar
 from .engine import state_store
 from .errors import HyperparameterError
 from .groups import Selector, matches
-from .rule import Rule, walk_rules
+from .rule import Rule, keep_hyperparameters, walk_rules
 from .tree import array_leaves
 
 __all__ = ["adjust_", "freeze_", "thaw_", "hyperparameters"]
@@ -28,7 +28,7 @@ def adjust_(opt: R, eta: Any = _MISSING, /, **hyper: Any) -> R:
     if eta is not _MISSING:
         hyper = {"eta": eta, **hyper}
     rules = list(walk_rules(opt))
-    before = [(rule, dict(vars(rule))) for rule in rules]
+    restore = keep_hyperparameters(opt)
     try:
         for name, value in hyper.items():
             holders = [rule for rule in rules if name in type(rule)._hyper_names]
@@ -37,9 +37,7 @@ def adjust_(opt: R, eta: Any = _MISSING, /, **hyper: Any) -> R:
             for rule in holders:
                 setattr(rule, name, value)
     except BaseException:
-        for rule, saved in before:
-            vars(rule).clear()
-            vars(rule).update(saved)
+        restore()
         raise
     return opt
 

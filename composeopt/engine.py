@@ -21,7 +21,7 @@ import numpy as np
 from . import _fused
 from ._dispatch import backend_name, is_array, namespace
 from .errors import ShapeMismatchError, UnsupportedArrayError
-from .rule import Replace, Rule, start_step, walk_rules
+from .rule import Replace, Rule, keep_hyperparameters, start_step, walk_rules
 from .store import StateStore, copy_state, zero_d_arrays
 from .tree import Path, rebuild, zip_leaves
 
@@ -248,7 +248,7 @@ def _step(opt: Rule, leaves: list[_Leaf]) -> list[Any]:
         for i, state in zip(new, fresh):
             states[i] = state
     # Schedules and begin_step change hyperparameters (ExpDecay's eta): keep them to put back.
-    saved_hyperparameters = [(rule, dict(vars(rule))) for rule in rules]
+    restore = keep_hyperparameters(opt)
     step = store.step + 1
     try:
         with np.errstate(all="ignore"):  # overflow is the caller's business, as in every peer
@@ -261,9 +261,7 @@ def _step(opt: Rule, leaves: list[_Leaf]) -> list[Any]:
             )
             updates = [_checked_update(opt, leaf, change) for leaf, change in zip(leaves, updates)]
     except BaseException:
-        for rule, saved in saved_hyperparameters:
-            vars(rule).clear()
-            vars(rule).update(saved)
+        restore()
         for x, state in backups:
             store.set(x, state)
         raise

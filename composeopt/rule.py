@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import SimpleNamespace
 from typing import Any, ClassVar
 
 from .errors import ComposeoptError
 from .hyper import REQUIRED, Hyper, follow_schedules, settings
 
-__all__ = ["Rule", "State", "Replace", "walk_rules", "start_step"]
+__all__ = ["Rule", "State", "Replace", "walk_rules", "start_step", "keep_hyperparameters"]
 
 
 class State(SimpleNamespace):
@@ -252,6 +252,22 @@ def walk_rules(rule: Rule) -> Iterator[Rule]:
     yield rule
     for child in rule.children():
         yield from walk_rules(child)
+
+
+def keep_hyperparameters(rule: Rule) -> Callable[[], None]:
+    """A function that puts every rule in `rule` back as it is now.
+
+    Whatever changes hyperparameters and may fail half-way (a step's schedules and
+    `begin_step`, `adjust_`, loading a checkpoint) calls it on failure.
+    """
+    kept = [(inner, dict(vars(inner))) for inner in walk_rules(rule)]
+
+    def restore() -> None:
+        for inner, values in kept:
+            vars(inner).clear()
+            vars(inner).update(values)
+
+    return restore
 
 
 def start_step(rule: Rule, step: int) -> None:

@@ -31,7 +31,7 @@ import numpy as np
 from .._dispatch import copy as copy_array
 from .._dispatch import namespace
 from ..errors import ComposeoptError
-from ..rule import Rule, start_step, walk_rules
+from ..rule import Rule, keep_hyperparameters, start_step
 from ..store import StateStore
 from . import batch
 from .kernel import Kernel, NormClip
@@ -134,17 +134,17 @@ def step_(fused: Plan, opt: Rule, store: StateStore, leaves: Sequence[Any]) -> b
     jobs = _jobs(backend, opt, fused, store, leaves)
     if jobs is None:
         return _decline(leaves)
-    saved_hyperparameters = [(rule, dict(vars(rule))) for rule in walk_rules(opt)]
+    restore = keep_hyperparameters(opt)
     step = store.step + 1
     try:
         start_step(opt, step)  # schedules and decays change hyperparameters here
         if make_plan(opt) != fused:  # begin_step changed which kernels apply: let the generic path do it
-            _restore(saved_hyperparameters)
+            restore()
             return _decline(leaves)
         with np.errstate(all="ignore"):
             _run(backend, fused, store, jobs)
     except BaseException:
-        _restore(saved_hyperparameters)
+        restore()
         raise
     store.step = step
     for job in jobs:
@@ -163,20 +163,10 @@ def batched_step_(fused: Plan, opt: Rule, store: StateStore, params: Any, grads:
     return batch.step_(fused, opt, store, params, grads)
 
 
-def _restore(saved: list[tuple[Rule, dict[str, Any]]]) -> None:
-    for rule, values in saved:
-        vars(rule).clear()
-        vars(rule).update(values)
-
-
 def _decline(leaves: Sequence[Any]) -> bool:
     for leaf in leaves:
         leaf.dx = copy_array(namespace(leaf.dx), leaf.dx)
     return False
-
-
-def _entries(fused: Plan) -> list[Entry]:
-    return [entry for stage in fused.stages for entry in stage.entries]
 
 
 class _Checked:
@@ -213,7 +203,7 @@ def _jobs(
     backend: Backend, opt: Rule, fused: Plan, store: StateStore, leaves: Sequence[Any]
 ) -> list[_Job] | None:
     """Check every array and state, making missing states; `None` if any is not fit."""
-    layout = tuple((entry.path, entry.kernel.state, entry.kernel.counter) for entry in _entries(fused))
+    layout = tuple((entry.path, entry.kernel.state, entry.kernel.counter) for entry in fused.entries)
     known = _checked.get(store)
     if known is None:
         known = _checked[store] = StateStore()
@@ -270,7 +260,7 @@ def _check(backend: Backend, layout: Any, state: Any, x: Any) -> _Checked | None
 
 
 def _run(backend: Backend, fused: Plan, store: StateStore, jobs: list[_Job]) -> None:
-    entries = _entries(fused)
+    entries = fused.entries
     _advance_counters(entries, jobs, 1)  # the step counters first, as each apply_ does
     scalars = _Scalars(backend, entries)
     try:  # every scalar before any kernel runs: a rule whose scalars fail leaves nothing changed

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from ..rule import Rule, start_step, walk_rules
+from ..rule import Rule, keep_hyperparameters, start_step
 from ..store import StateStore
 from .kernel import Kernel
 from .plan import Entry, Plan, make_plan
@@ -72,7 +72,7 @@ class Batch:
     def __init__(self, fused: Plan, store: StateStore, jobs: Sequence[Any], by_address: bool) -> None:
         from .numba_backend import batch_function
 
-        entries = _entries(fused)
+        entries = fused.entries
         xs = [job.leaf.x for job in jobs]
         self.key = _key(entries)
         self.function = batch_function(tuple(entry.kernel for entry in entries), by_address)
@@ -118,7 +118,7 @@ class Batch:
         if (
             (store.version, store.frozen.version) != self.versions
             or list(map(id, xs)) != self.ids
-            or _key(_entries(fused)) != self.key
+            or _key(fused.entries) != self.key
             or set(map(type, gs)) != {np.ndarray}
             or list(map(_shape, gs)) != self.shapes
         ):
@@ -203,7 +203,7 @@ def remember(fused: Plan, store: StateStore, jobs: Sequence[Any]) -> None:
     dtype = jobs[0].x.dtype
     if any(job.x.dtype != dtype for job in jobs):
         return
-    for position, entry in enumerate(_entries(fused)):
+    for position, entry in enumerate(fused.entries):
         counter = entry.kernel.counter
         if counter is not None:
             values = {getattr(job.rule_states[position], counter) for job in jobs}
@@ -234,19 +234,19 @@ def step_(fused: Plan, opt: Rule, store: StateStore, params: Any, grads: Any) ->
         if history is not None:
             history.needed = min(2 * history.needed, MAX_NEEDED)
         return False
-    saved_hyperparameters = [(rule, dict(vars(rule))) for rule in walk_rules(opt)]
+    restore = keep_hyperparameters(opt)
     step = store.step + 1
     advanced = False
     try:
         start_step(opt, step)
         if make_plan(opt) != fused:  # begin_step changed which kernels apply
-            _restore(saved_hyperparameters)
+            restore()
             return False
         _advance(batch, 1)
         advanced = True
         k = np.array(_scalars(fused, batch), dtype=batch.dtype)
     except BaseException:
-        _restore(saved_hyperparameters)
+        restore()
         if advanced:
             _advance(batch, -1)
         raise
@@ -265,20 +265,10 @@ def _advance(batch: Batch, by: int) -> None:
 
 def _scalars(fused: Plan, batch: Batch) -> list[float]:
     values: list[float] = []
-    for entry, states in zip(_entries(fused), batch.rule_states):
+    for entry, states in zip(fused.entries, batch.rule_states):
         named = entry.kernel.scalars(entry.rule, states[0], batch.dtype)
         values.extend(float(named[name]) for name in entry.kernel.scalar_names)
     return values
-
-
-def _restore(saved: list[tuple[Rule, dict[str, Any]]]) -> None:
-    for rule, values in saved:
-        vars(rule).clear()
-        vars(rule).update(values)
-
-
-def _entries(fused: Plan) -> list[Entry]:
-    return [entry for stage in fused.stages for entry in stage.entries]
 
 
 def _key(entries: list[Entry]) -> tuple[tuple[Kernel, tuple[int, ...]], ...]:

@@ -41,6 +41,11 @@ class Plan:
     stages: tuple[Stage, ...]
     clips: tuple[tuple[Rule, NormClip], ...]
 
+    @property
+    def entries(self) -> list[Entry]:
+        """Every stage's entries, in chain order."""
+        return [entry for stage in self.stages for entry in stage.entries]
+
 
 def make_plan(opt: Rule) -> Plan | None:
     """The fused plan of `opt`, or `None` when some rule has no fast path this step."""
