@@ -2,44 +2,40 @@
 
 A step runs in three phases so that a failure never leaves it half done:
 
-1. check: pair params with grads, check structure, shapes, dtypes, modules,
-   devices and writability, and copy each gradient (the caller's arrays are
-   never modified; tied parameters get the sum of their gradients);
-2. compute: every rule's update for every parameter, mutating only state
-   (copied first when a rule in the chain can fail, and put back on failure);
+1. check ([composeopt.check][]): pair params with grads and check structure,
+   shapes, dtypes, modules, devices, writability and memory, before anything is
+   written; the generic path copies each gradient (the caller's arrays are never
+   modified; tied parameters get the sum of their gradients);
+2. compute: every rule's update for every parameter, mutating only state, which
+   is copied first and put back if anything raises (a rule, a schedule, or the
+   array library itself);
 3. commit: subtract the updates from the parameters and keep the new state.
+
+A step holds its optimiser's lock, so that threads sharing one optimiser take
+their steps one after another.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
 from typing import Any, TypeVar
 
-import array_api_compat
 import numpy as np
 
 from . import _fused
 from ._dispatch import backend_name, is_array, namespace
+from .check import MISSING, Leaf, as_array, collect
 from .errors import ShapeMismatchError, UnsupportedArrayError
-from .rule import Replace, Rule, keep_hyperparameters, start_step, walk_rules
+from .rule import Replace, Rule, keep_hyperparameters, start_step
 from .store import StateStore, copy_state, zero_d_arrays
-from .tree import Path, rebuild, zip_leaves
+from .tree import rebuild
 
 __all__ = ["update_", "update", "state_store", "reset_"]
 
 T = TypeVar("T")
 
 _STORE_ATTRIBUTE = "_composeopt_state"
-_MISSING: Any = object()
-
-
-@dataclass
-class _Leaf:
-    """One distinct parameter of this step, with the engine's own copy of its gradient."""
-
-    path: Path
-    x: Any
-    dx: Any
+_creating = threading.Lock()  # two threads' first steps on one optimiser make one store
 
 
 def state_store(opt: Rule) -> StateStore:
@@ -55,8 +51,11 @@ def state_store(opt: Rule) -> StateStore:
     """
     store = vars(opt).get(_STORE_ATTRIBUTE)
     if store is None:
-        store = StateStore()
-        setattr(opt, _STORE_ATTRIBUTE, store)
+        with _creating:
+            store = vars(opt).get(_STORE_ATTRIBUTE)
+            if store is None:
+                store = StateStore()
+                setattr(opt, _STORE_ATTRIBUTE, store)
     return store
 
 
@@ -70,7 +69,9 @@ def reset_(opt: Rule) -> Rule:
         >>> len(co.state_store(opt)), len(co.state_store(co.reset_(opt)))
         (1, 0)
     """
-    state_store(opt).clear()
+    store = state_store(opt)
+    with store.lock:
+        store.clear()
     return opt
 
 
@@ -105,21 +106,21 @@ def update_(opt: Rule, params: T, grads: Any) -> T:
     """
     if not isinstance(opt, Rule):
         raise TypeError(f"update_: expected a composeopt Rule, got a {type(opt).__name__}")
-    fused = _fused.plan(opt)  # issue 5: fused in-place step, see composeopt/_fused
-    if fused is not None and _fused.batched_step_(fused, opt, state_store(opt), params, grads):
-        return params  # the same tree as the last steps: one call over all of it
-    leaves = _collect(opt, params, grads, copy=fused is None)
-    for leaf in leaves:
-        _check_writable(leaf)
-    if fused is not None and _fused.step_(fused, opt, state_store(opt), leaves):
-        return params  # one pass wrote x and the states; otherwise leaves now hold gradient copies
-    updates = _step(opt, leaves)
-    for leaf, change in zip(leaves, updates):
-        x = leaf.x
-        if type(change) is Replace:
-            x[...] = change.value
-        elif change is not None:  # None: the rule leaves this parameter alone this step
-            x -= change
+    store = state_store(opt)
+    with store.lock:
+        fused = _fused.plan(opt)
+        if fused is not None and _fused.batched_step_(fused, opt, store, params, grads):
+            return params  # the same tree as the last steps: one call over all of it
+        leaves = collect(store, params, grads, copy=fused is None, in_place=True)
+        if fused is not None and _fused.step_(fused, opt, store, leaves):
+            return params  # one pass wrote x and the states; otherwise leaves now hold gradient copies
+        updates = _step(opt, store, leaves)
+        for leaf, change in zip(leaves, updates):
+            x = leaf.x
+            if type(change) is Replace:
+                x[...] = change.value
+            elif change is not None:  # None: the rule leaves this parameter alone this step
+                x -= change
     return params
 
 
@@ -138,111 +139,28 @@ def update(opt: Rule, params: T, grads: Any) -> T:
     """
     if not isinstance(opt, Rule):
         raise TypeError(f"update: expected a composeopt Rule, got a {type(opt).__name__}")
-    leaves = _collect(opt, params, grads)
-    updates = _step(opt, leaves)
     store = state_store(opt)
-    new_arrays = {}
-    for leaf, change in zip(leaves, updates):
-        if change is None:
-            continue
-        new = change.value if type(change) is Replace else leaf.x - change
-        new_arrays[id(leaf.x)] = new = _as_array(new)
-        store.move(leaf.x, new)
+    with store.lock:
+        leaves = collect(store, params, grads, copy=True, in_place=False)
+        updates = _step(opt, store, leaves)
+        new_arrays = {}
+        for leaf, change in zip(leaves, updates):
+            if change is None:
+                continue
+            new = change.value if type(change) is Replace else leaf.x - change
+            new_arrays[id(leaf.x)] = new = as_array(new)
+            store.move(leaf.x, new, leaf.path)
     new_params: T = rebuild(params, lambda x: new_arrays.get(id(x), x))
     return new_params
 
 
-def _collect(opt: Rule, params: Any, grads: Any, copy: bool = True) -> list[_Leaf]:
-    """Phase 1: pair and check every (parameter, gradient); one entry per distinct array.
-
-    Frozen parameters ([freeze_][composeopt.freeze_]) are left out, as if their gradient were `None`.
-    `copy=False` (the fused step, which never writes a gradient) skips copying gradients
-    that already have the parameter's dtype.
-    """
-    frozen = state_store(opt).frozen
-    by_id: dict[int, _Leaf] = {}
-    reference: tuple[str, Any, Any] | None = None  # the first parameter, and its namespace
-    for path, x, g in zip_leaves(params, grads):
-        if frozen and x in frozen:
-            continue
-        xp = namespace(x)
-        _check_parameter(path, x, xp)
-        if reference is None:
-            reference = (path, x, xp)
-        elif xp is not reference[2]:
-            raise UnsupportedArrayError(
-                f"{path}: parameter is a {backend_name(x)} array but {reference[0]} "
-                f"is a {backend_name(reference[1])} array; one tree must use one array module"
-            )
-        g = _as_array(g)  # NumPy hands 0-d gradients over as scalars
-        _check_gradient(path, x, g, xp)
-        leaf = by_id.get(id(x))
-        if leaf is None:
-            by_id[id(x)] = _Leaf(path, x, xp.astype(g, x.dtype, copy=copy))
-        else:  # the same array twice in the tree: one update from the summed gradients
-            leaf.dx = leaf.dx + xp.astype(g, x.dtype)
-    return list(by_id.values())
-
-
-def _is_real_floating(xp: Any, dtype: Any) -> bool:
-    if isinstance(dtype, np.dtype):  # NumPy's and CuPy's dtypes: cheaper than isdtype
-        return dtype.kind == "f" or dtype.name == "bfloat16"  # ml_dtypes' bfloat16 has kind "V"
-    return bool(xp.isdtype(dtype, "real floating"))
-
-
-def _check_parameter(path: str, x: Any, xp: Any) -> None:
-    if not _is_real_floating(xp, x.dtype):
-        raise UnsupportedArrayError(
-            f"{path}: parameter has dtype {x.dtype}; only real floating-point arrays can be optimised"
-        )
-
-
-def _check_gradient(path: str, x: Any, g: Any, xp: Any) -> None:
-    if not (type(g) is np.ndarray and type(x) is np.ndarray):  # two NumPy arrays share module and device
-        if not is_array(g):
-            raise UnsupportedArrayError(f"{path}: gradient is a {type(g).__name__}, not an array")
-        if namespace(g) is not xp:
-            raise UnsupportedArrayError(
-                f"{path}: gradient is a {backend_name(g)} array but the parameter is a "
-                f"{backend_name(x)} array; move one of them explicitly"
-            )
-        if array_api_compat.device(g) != array_api_compat.device(x):
-            raise UnsupportedArrayError(
-                f"{path}: gradient is on device {array_api_compat.device(g)} but the parameter "
-                f"is on device {array_api_compat.device(x)}"
-            )
-    if tuple(g.shape) != tuple(x.shape):
-        raise ShapeMismatchError(
-            f"{path}: gradient shape {tuple(g.shape)} != parameter shape {tuple(x.shape)}"
-        )
-    if not _is_real_floating(xp, g.dtype):
-        raise UnsupportedArrayError(
-            f"{path}: gradient has dtype {g.dtype}; expected a real floating-point array"
-        )
-
-
-def _check_writable(leaf: _Leaf) -> None:
-    x = leaf.x
-    read_only = not x.flags.writeable if isinstance(x, np.ndarray) else array_api_compat.is_jax_array(x)
-    if read_only:
-        raise UnsupportedArrayError(
-            f"{leaf.path}: parameter is a read-only {backend_name(x)} array; update_ changes "
-            "arrays in place, use composeopt.update(opt, params, grads), which returns new ones"
-        )
-
-
-def _step(opt: Rule, leaves: list[_Leaf]) -> list[Any]:
+def _step(opt: Rule, store: StateStore, leaves: list[Leaf]) -> list[Any]:
     """Phases 2 and 3 for the state: the updates of every leaf, and the new state kept."""
-    store = state_store(opt)
-    rules = list(walk_rules(opt))
-    states = [store.get(leaf.x, _MISSING) for leaf in leaves]
-    # A rule that may fail mid-step gets a copy of the existing states to put back.
-    backups = []
-    if any(rule.fallible for rule in rules):
-        backups = [
-            (leaf.x, copy_state(state)) for leaf, state in zip(leaves, states) if state is not _MISSING
-        ]
-    new = [i for i, state in enumerate(states) if state is _MISSING]
+    states = [leaf.state for leaf in leaves]
+    # Any rule may raise mid-step, if only from the array library (an unsupported dtype, memory):
+    # a copy of the existing states puts back what the leaves before it changed in place.
+    backups = [(leaf.x, copy_state(state)) for leaf, state in zip(leaves, states) if state is not MISSING]
+    new = [i for i, state in enumerate(states) if state is MISSING]
     if new:
         fresh = opt.init_tree_([leaves[i].x for i in new], [leaves[i].path for i in new])
         for i, state in zip(new, fresh):
@@ -273,18 +191,13 @@ def _step(opt: Rule, leaves: list[_Leaf]) -> list[Any]:
     return updates
 
 
-def _as_array(value: Any) -> Any:
-    """NumPy turns 0-d results into scalars (`np.float64`); make them arrays again."""
-    return np.asarray(value) if isinstance(value, np.generic) else value
-
-
-def _checked_update(opt: Rule, leaf: _Leaf, change: Any) -> Any:
+def _checked_update(opt: Rule, leaf: Leaf, change: Any) -> Any:
     if change is None:
         return None
     if type(change) is Replace:
         return Replace(_checked_update(opt, leaf, change.value))
     x = leaf.x
-    change = _as_array(change)
+    change = as_array(change)
     if not is_array(change) or namespace(change) is not namespace(x):
         raise UnsupportedArrayError(
             f"{leaf.path}: {opt!r} returned a {type(change).__name__} update, "

@@ -19,11 +19,13 @@ Examples:
 from __future__ import annotations
 
 __all__ = [
+    "AliasingError",
     "CheckpointError",
     "ComposeoptError",
     "HyperparameterError",
     "NonFiniteError",
     "ShapeMismatchError",
+    "StateResetWarning",
     "TreeStructureError",
     "UnsupportedArrayError",
 ]
@@ -56,3 +58,14 @@ class NonFiniteError(ComposeoptError, FloatingPointError):
 
 class CheckpointError(ComposeoptError, ValueError):
     """A checkpoint does not fit the optimiser or the parameters it is loaded onto."""
+
+
+class AliasingError(ComposeoptError, ValueError):
+    """Two parameters share memory (`W` and `W.T`, overlapping slices), or a parameter's
+    elements overlap each other (an expanded view): an in-place step cannot update them."""
+
+
+class StateResetWarning(UserWarning):
+    """A new array took the place of a parameter whose state is gone, so its state starts
+    again from `init` (every step is then the optimiser's first).  Filter it, or make it an
+    error with `warnings.simplefilter("error", co.errors.StateResetWarning)`."""

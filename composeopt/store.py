@@ -9,6 +9,8 @@ collected, so rebuilding a model does not leak state.
 from __future__ import annotations
 
 import copy
+import threading
+import warnings
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -17,6 +19,7 @@ import numpy as np
 
 from ._dispatch import copy as copy_array
 from ._dispatch import is_array, namespace
+from .errors import StateResetWarning
 from .rule import State
 
 __all__ = ["IdentityMap", "StateStore", "copy_state", "zero_d_arrays"]
@@ -40,7 +43,7 @@ class IdentityMap:
     """A mapping from objects (by identity, held weakly) to values."""
 
     def __init__(self) -> None:
-        self._entries: dict[int, tuple[Callable[[], Any], Any]] = {}
+        self._entries: dict[int, tuple[Callable[[], Any], Any, Any]] = {}
         self._changes = [0]  # a list, so that the weak references' callbacks can count too
 
     @property
@@ -62,20 +65,31 @@ class IdentityMap:
             return default
         return entry[1]
 
+    def layout(self, x: Any) -> tuple[tuple[int, ...], Any] | None:
+        """The shape and dtype `x` had when its value was stored, or `None` if it has none.
+
+        A parameter can change shape in place (`x.shape = ...`, torch's `x.data = ...`);
+        its state then no longer fits it."""
+        entry = self._entries.get(id(x))
+        if entry is None or entry[0]() is not x:
+            return None
+        layout: tuple[tuple[int, ...], Any] | None = entry[2]
+        return layout
+
     def set(self, x: Any, state: Any) -> None:
         """Store `state` for parameter `x` (replacing any state of a dead object with its id)."""
         key = id(x)
         entry = self._entries.get(key)
         if entry is not None and entry[0]() is x:
             if entry[1] is not state:
-                self._entries[key] = (entry[0], state)
+                self._entries[key] = (entry[0], state, _layout(x))
                 self._changes[0] += 1
             return
         try:
             ref: Callable[[], Any] = weakref.ref(x, _forget(self._entries, self._changes, key))
         except TypeError:
             ref = _StrongRef(x)
-        self._entries[key] = (ref, state)
+        self._entries[key] = (ref, state, _layout(x))
         self._changes[0] += 1
 
     def discard(self, x: Any) -> None:
@@ -108,11 +122,54 @@ class StateStore(IdentityMap):
         super().__init__()
         self.step = 0
         self.frozen = IdentityMap()
+        self.lock = threading.RLock()  # one step at a time: a step reads and writes all of this
+        # Per path, the last parameter given a state there, and its layout: a new array at the
+        # path of one whose state is gone (collected, or moved by `update`) most likely means
+        # that the caller rebuilt the arrays and so restarted the optimiser without meaning to.
+        self._owners: dict[str, tuple[Callable[[], Any], Any]] = {}
+        self._reset_warned = False
 
     def clear(self) -> None:
         """Forget every state and reset the step count (frozen marks stay)."""
         super().clear()
         self.step = 0
+        self._owners.clear()
+
+    def move(self, old: Any, new: Any, path: str | None = None) -> None:
+        """Hand `old`'s state over to `new`, which is now the parameter at `path`."""
+        super().move(old, new)
+        if path is not None:
+            self._own(path, new)
+
+    def claim(self, path: str, x: Any) -> None:
+        """Note that `x`, which has no state yet, is the parameter at `path`; warn (once per
+        store) if it replaces an array of the same shape and dtype whose state is gone."""
+        layout = _layout(x)
+        previous = self._owners.get(path)
+        if previous is not None and not self._reset_warned:
+            owner = previous[0]()
+            if owner is not x and (owner is None or owner not in self) and previous[1] == layout:
+                self._reset_warned = True
+                warnings.warn(
+                    f"{path}: a new array has taken the place of the parameter of the same shape "
+                    "and dtype that was here, so its optimiser state starts again; pass the same "
+                    "array objects every step (make views once; after composeopt.update, pass "
+                    "the arrays it returned)",
+                    StateResetWarning,
+                    stacklevel=4,
+                )
+        self._own(path, x)
+
+    def _own(self, path: str, x: Any) -> None:
+        try:
+            self._owners[path] = (weakref.ref(x), _layout(x))
+        except TypeError:  # arrays without weak references: no warning for them
+            pass
+
+
+def _layout(x: Any) -> tuple[tuple[int, ...], Any] | None:
+    shape = getattr(x, "shape", None)
+    return None if shape is None else (tuple(shape), x.dtype)
 
 
 def _forget(entries: dict[int, Any], changes: list[int], key: int) -> Callable[[Any], None]:

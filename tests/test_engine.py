@@ -145,9 +145,25 @@ def test_non_float_parameters_are_refused(dtype):
         co.update_(co.Descent(), params, {"n": np.zeros(3)})
 
 
-def test_integer_gradient_is_refused():
-    with pytest.raises(UnsupportedArrayError, match=r"params: gradient has dtype int64"):
-        co.update_(co.Descent(), arr(1.0), np.array([1]))
+@pytest.mark.parametrize("fused", ["auto", "off"])
+@pytest.mark.parametrize("dtype", [np.int64, np.int8, np.uint16, np.bool_])
+def test_integer_and_boolean_gradients_are_cast_to_the_parameters_dtype(monkeypatch, fused, dtype):
+    # As Optimisers.jl and torch.optim take them: the same step as the equal float gradient.
+    monkeypatch.setattr(co._fused, "MODE", fused)
+    values = np.array([1, 0, 1, 1]).astype(dtype)
+    for rule in (co.Descent(0.5), co.Adam(0.1)):
+        x, y = np.ones(4, dtype=np.float32), np.ones(4, dtype=np.float32)
+        twin = type(rule)(*rule.hyperparameters().values())
+        for _ in range(3):
+            co.update_(rule, x, values)
+            co.update_(twin, y, values.astype(np.float32))
+        np.testing.assert_array_equal(x, y)
+        assert x.dtype == np.float32
+
+
+def test_complex_gradient_is_refused():
+    with pytest.raises(UnsupportedArrayError, match=r"params: gradient has dtype complex128"):
+        co.update_(co.Descent(), arr(1.0), np.array([1j]))
 
 
 def test_non_array_parameter_needs_a_none_gradient():

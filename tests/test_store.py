@@ -6,6 +6,7 @@ import gc
 import weakref
 
 import numpy as np
+import pytest
 
 import composeopt as co
 from composeopt.store import StateStore, copy_state
@@ -42,6 +43,7 @@ def test_reused_id_of_a_dead_array_is_a_new_parameter():
     assert store.get(alive) == "fresh"
 
 
+@pytest.mark.filterwarnings("ignore::composeopt.errors.StateResetWarning")  # rebuilt on purpose
 def test_real_id_reuse_through_the_engine_starts_fresh_state():
     opt = co.Adam(0.1)
     seen_ids = {}
@@ -56,6 +58,7 @@ def test_real_id_reuse_through_the_engine_starts_fresh_state():
     assert len(seen_ids) < 50  # CPython did reuse ids, so the check above ran
 
 
+@pytest.mark.filterwarnings("ignore::composeopt.errors.StateResetWarning")  # rebuilt on purpose
 def test_no_growth_over_many_rebuilt_models():
     opt = co.Optimiser(co.WeightDecay(1e-4), co.Adam())
     for _ in range(300):

@@ -30,6 +30,8 @@ import numpy as np
 
 from .._dispatch import copy as copy_array
 from .._dispatch import namespace
+from .._memory import Extents, extent
+from ..check import MISSING
 from ..errors import ComposeoptError
 from ..rule import Rule, keep_hyperparameters, start_step
 from ..store import StateStore
@@ -42,8 +44,6 @@ __all__ = ["MODE", "Kernel", "NormClip", "plan", "step_", "batched_step_", "back
 MODE = os.environ.get("COMPOSEOPT_FUSED", "auto")
 """`auto`: numba on the CPU when importable, else blocked NumPy; `numpy`: blocked NumPy
 on the CPU; `off`: the generic path everywhere.  Read at every step."""
-
-_MISSING: Any = object()
 
 
 def plan(opt: Rule) -> Plan | None:
@@ -172,7 +172,7 @@ def _decline(leaves: Sequence[Any]) -> bool:
 class _Checked:
     """What `_jobs` found fit for one parameter, kept to skip the checks while nothing changed."""
 
-    __slots__ = ("layout", "state", "rule_states", "originals", "arrays")
+    __slots__ = ("layout", "state", "rule_states", "originals", "arrays", "extents")
 
     # Nothing here refers to the parameter itself (a view of it would): the entry is keyed
     # weakly by the parameter and must not keep it alive.
@@ -182,6 +182,7 @@ class _Checked:
         self.rule_states = rule_states
         self.originals = originals  # the state arrays themselves, to see whether one was replaced
         self.arrays: list[Any] = []  # their 1-d views
+        self.extents = [extent(a) for a in originals]  # their memory, which a gradient must not share
 
     def holds(self, layout: Any, state: Any) -> bool:
         if layout != self.layout or state is not self.state:
@@ -208,12 +209,13 @@ def _jobs(
     if known is None:
         known = _checked[store] = StateStore()
     jobs = []
+    written: list[Any] = []  # the extents of every array this step writes
     for leaf in leaves:
         x = leaf.x
         if not backend.accepts(x):
             return None
-        state = store.get(x, _MISSING)
-        new = state is _MISSING
+        state = leaf.state
+        new = state is MISSING
         if new:
             try:
                 state = opt.init(x)
@@ -227,8 +229,15 @@ def _jobs(
             known.set(x, checked)
         job = _Job(leaf, backend.flat(x), state, checked.rule_states, checked.arrays)
         job.new = new
-        job.source = backend.gradient(x, leaf.dx)
         jobs.append(job)
+        written.append(extent(x))
+        written.extend(checked.extents)
+    # A gradient that is (a view of) an array this step writes, another parameter say, would be
+    # read after that array changed: the kernels read a copy of it instead, as the generic path does.
+    table = Extents(written)
+    for job in jobs:
+        dx = job.leaf.dx
+        job.source = backend.gradient(job.leaf.x, copy_array(namespace(dx), dx) if table.meets(dx) else dx)
     return jobs
 
 

@@ -11,15 +11,17 @@ the addresses of every parameter and state array in one table, and what to
 compare to know that nothing has changed.  The next step then
 
 1. pairs the trees without paths and checks that the parameters are the same
-   objects in the same order; that the store has not changed since (no state
-   added, replaced or removed, nothing frozen or thawed, no parameter
-   collected); that every state still holds the same arrays and counters;
-   and that the gradients are NumPy arrays of the parameters' shapes;
+   objects in the same order, with the same shapes, strides and dtype, and
+   still writable; that the store has not changed since (no state added,
+   replaced or removed, nothing frozen or thawed, no parameter collected);
+   that every state still holds the same arrays and counters; and that the
+   gradients are NumPy arrays of the parameters' shapes: whatever the check
+   phase would refuse fails one of these, and goes to the ordinary path;
 2. takes the gradients: small arrays (`BATCH_MEAN_SIZE` elements or fewer
    on average) are copied into one buffer with one `numpy.concatenate`, in
    any floating dtype; big ones are read where they are, so they must have
    the parameters' dtype, be C-contiguous and share no memory with a
-   parameter;
+   parameter or a state;
 3. runs one generated numba function per thread over the table.
 
 Anything else, or any check that fails, takes the ordinary path, which gives
@@ -58,7 +60,9 @@ this project's machines the two cross between 4000 and 10000 elements."""
 
 
 _shape = attrgetter("shape")
+_strides = attrgetter("strides")
 _dtype = attrgetter("dtype")
+_writeable = attrgetter("flags.writeable")
 
 
 class Batch:
@@ -79,6 +83,7 @@ class Batch:
         self.by_address = by_address
         self.ids = list(map(id, xs))
         self.shapes = list(map(_shape, xs))
+        self.strides = list(map(_strides, xs))
         self.dtype = xs[0].dtype
         self.versions = (store.version, store.frozen.version)
         # Per entry of the plan: every array's state of that rule, its arrays and its counter.
@@ -103,11 +108,13 @@ class Batch:
             self.nbytes = np.array([x.nbytes for x in xs], dtype=np.int64)
             self.gradients = np.zeros(len(xs), dtype=np.int64)
             self.ends = np.zeros(len(xs), dtype=np.int64)
-            # The parameters' memory, in order, to find a gradient that overlaps one.
+            # The memory this step writes (parameters and states, all disjoint), in order, to
+            # find a gradient that overlaps some of it.
             used = self.nbytes > 0
-            order = np.argsort(self.addresses[used, 0])
-            self.x_starts = self.addresses[used, 0][order]
-            self.x_ends = self.x_starts + self.nbytes[used][order]
+            starts = self.addresses[used].reshape(-1)
+            order = np.argsort(starts)
+            self.x_starts = starts[order]
+            self.x_ends = self.x_starts + np.repeat(self.nbytes[used], self.addresses.shape[1])[order]
         else:
             self.offsets = np.cumsum([0, *sizes], dtype=np.int64)
             self.buffer = np.empty(int(self.offsets[-1]), dtype=self.dtype)
@@ -119,6 +126,12 @@ class Batch:
             (store.version, store.frozen.version) != self.versions
             or list(map(id, xs)) != self.ids
             or _key(fused.entries) != self.key
+            # What the check phase would refuse in a parameter: a shape or layout changed in
+            # place since the states were made, a dtype, a parameter made read-only.
+            or list(map(_shape, xs)) != self.shapes
+            or list(map(_strides, xs)) != self.strides
+            or set(map(_dtype, xs)) != {self.dtype}
+            or not all(map(_writeable, xs))
             or set(map(type, gs)) != {np.ndarray}
             or list(map(_shape, gs)) != self.shapes
         ):
@@ -147,10 +160,11 @@ class Batch:
         return not self._overlap(starts)
 
     def _overlap(self, starts: Any) -> bool:
-        """Whether a gradient shares memory with a parameter (it would be read while written).
+        """Whether a gradient shares memory with a parameter or a state (it would be read
+        while written).
 
-        The parameters' memory is disjoint (`remember` checks), so only the first parameter
-        that ends after a gradient starts can overlap it."""
+        Those arrays are disjoint (`remember` checks), so only the first of them that ends
+        after a gradient starts can overlap it."""
         ends = np.add(starts, self.nbytes, out=self.ends)
         first = np.searchsorted(self.x_ends, starts, side="right")
         inside = first < len(self.x_starts)
@@ -209,8 +223,8 @@ def remember(fused: Plan, store: StateStore, jobs: Sequence[Any]) -> None:
             values = {getattr(job.rule_states[position], counter) for job in jobs}
             if len(values) != 1:
                 return
-    if not _disjoint([job.x for job in jobs]):
-        return  # parameters that share memory: threads would race on it
+    if not _disjoint([array for job in jobs for array in (job.x, *job.arrays)]):
+        return  # arrays that share memory: threads would race on it
     by_address = sum(job.x.size for job in jobs) > BATCH_MEAN_SIZE * len(jobs)
     _batches[store] = Batch(fused, store, jobs, by_address)
 

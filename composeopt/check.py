@@ -1,0 +1,195 @@
+"""The check phase of a step: pair params with grads and refuse anything a step cannot take.
+
+Every path of a step (generic, fused, batched) starts from what `collect` returns,
+and nothing is written before it has looked at every leaf: structure, array modules
+and devices, dtypes, shapes (also against the shape the parameter had when its state
+was made), and, for an in-place step, writability and memory: a parameter that
+shares memory with another, or whose elements overlap each other, cannot be updated
+in place.  Each error starts with the parameter's path.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import array_api_compat
+import numpy as np
+
+from ._dispatch import backend_name, is_array, namespace
+from ._memory import extent, first_overlap, overlaps_itself
+from .errors import AliasingError, ShapeMismatchError, UnsupportedArrayError
+from .store import StateStore
+from .tree import Path, zip_leaves
+
+__all__ = ["Leaf", "collect", "as_array", "MISSING"]
+
+MISSING: Any = object()
+"""The state of a leaf that has none yet."""
+
+
+class Leaf:
+    """One distinct parameter of this step, its gradient and its state (or `MISSING`)."""
+
+    __slots__ = ("path", "x", "dx", "state")
+
+    def __init__(self, path: Path, x: Any, dx: Any, state: Any) -> None:
+        self.path = path
+        self.x = x
+        self.dx = dx
+        self.state = state
+
+
+def collect(store: StateStore, params: Any, grads: Any, *, copy: bool, in_place: bool) -> list[Leaf]:
+    """Every (parameter, gradient) pair, checked; one leaf per distinct array.
+
+    Frozen parameters ([freeze_][composeopt.freeze_]) are left out, as if their gradient
+    were `None`.  Gradients of another dtype (integers and booleans too) are cast to the
+    parameter's; tied parameters get the sum of their gradients.  With `copy`, every
+    gradient is the engine's own copy (the generic rules write to it); without, a
+    gradient that already has the parameter's dtype is passed as it is.  `in_place`: the
+    step writes into the parameters, so they must be writable and must not share memory.
+    """
+    frozen = store.frozen
+    by_id: dict[int, Leaf] = {}
+    reference: tuple[str, Any, Any] | None = None  # the first parameter, and its namespace
+    for path, x, g in zip_leaves(params, grads):
+        if frozen and x in frozen:
+            continue
+        xp = namespace(x)
+        _check_parameter(path, x, xp)
+        if reference is None:
+            reference = (path, x, xp)
+        elif xp is not reference[2]:
+            raise UnsupportedArrayError(
+                f"{path}: parameter is a {backend_name(x)} array but {reference[0]} "
+                f"is a {backend_name(reference[1])} array; one tree must use one array module"
+            )
+        g = as_array(g)  # NumPy hands 0-d gradients over as scalars
+        _check_gradient(path, x, g, xp)
+        leaf = by_id.get(id(x))
+        if leaf is None:
+            by_id[id(x)] = Leaf(path, x, xp.astype(g, x.dtype, copy=copy), store.get(x, MISSING))
+        else:  # the same array twice in the tree: one update from the summed gradients
+            leaf.dx = leaf.dx + xp.astype(g, x.dtype)
+    leaves = list(by_id.values())
+    for leaf in leaves:
+        if leaf.state is MISSING:
+            store.claim(leaf.path, leaf.x)
+        else:
+            _check_layout(store, leaf)
+    if in_place:
+        for leaf in leaves:
+            _check_writable(leaf.path, leaf.x)
+        _check_disjoint(leaves)
+    return leaves
+
+
+def as_array(value: Any) -> Any:
+    """NumPy turns 0-d results into scalars (`np.float64`); make them arrays again."""
+    return np.asarray(value) if isinstance(value, np.generic) else value
+
+
+def _kind_of(xp: Any, dtype: Any) -> str:
+    """`f` for real floating point, `i` for integers and booleans, `?` for anything else."""
+    if isinstance(dtype, np.dtype):  # NumPy's and CuPy's dtypes: cheaper than isdtype
+        if dtype.kind == "f" or dtype.name == "bfloat16":  # ml_dtypes' bfloat16 has kind "V"
+            return "f"
+        return "i" if dtype.kind in "iub" else "?"
+    if xp.isdtype(dtype, "real floating"):
+        return "f"
+    return "i" if xp.isdtype(dtype, ("integral", "bool")) else "?"
+
+
+def _check_parameter(path: str, x: Any, xp: Any) -> None:
+    if _kind_of(xp, x.dtype) != "f":
+        raise UnsupportedArrayError(
+            f"{path}: parameter has dtype {x.dtype}; only real floating-point arrays can be optimised"
+        )
+
+
+def _check_gradient(path: str, x: Any, g: Any, xp: Any) -> None:
+    if not (type(g) is np.ndarray and type(x) is np.ndarray):  # two NumPy arrays share module and device
+        if not is_array(g):
+            raise UnsupportedArrayError(f"{path}: gradient is a {type(g).__name__}, not an array")
+        if namespace(g) is not xp:
+            raise UnsupportedArrayError(
+                f"{path}: gradient is a {backend_name(g)} array but the parameter is a "
+                f"{backend_name(x)} array; move one of them explicitly"
+            )
+        if array_api_compat.device(g) != array_api_compat.device(x):
+            raise UnsupportedArrayError(
+                f"{path}: gradient is on device {array_api_compat.device(g)} but the parameter "
+                f"is on device {array_api_compat.device(x)}"
+            )
+    if tuple(g.shape) != tuple(x.shape):
+        raise ShapeMismatchError(
+            f"{path}: gradient shape {tuple(g.shape)} != parameter shape {tuple(x.shape)}"
+        )
+    if _kind_of(xp, g.dtype) == "?":
+        raise UnsupportedArrayError(
+            f"{path}: gradient has dtype {g.dtype}; expected a real (floating-point, integer "
+            "or boolean) array"
+        )
+
+
+def _check_layout(store: StateStore, leaf: Leaf) -> None:
+    layout = store.layout(leaf.x)
+    if layout is not None and (tuple(leaf.x.shape), leaf.x.dtype) != layout:
+        shape, dtype = layout
+        raise ShapeMismatchError(
+            f"{leaf.path}: parameter has shape {tuple(leaf.x.shape)} and dtype {leaf.x.dtype} but "
+            f"its optimiser state was made for shape {shape} and dtype {dtype} (was it changed "
+            "in place?); composeopt.reset_(opt) starts every state again"
+        )
+
+
+def _check_writable(path: str, x: Any) -> None:
+    """Refuse a parameter that an in-place step cannot write, before anything is written."""
+    read_only = not x.flags.writeable if isinstance(x, np.ndarray) else array_api_compat.is_jax_array(x)
+    if read_only:
+        raise UnsupportedArrayError(
+            f"{path}: parameter is a read-only {backend_name(x)} array; update_ changes arrays in "
+            "place, use composeopt.update(opt, params, grads), which returns new ones"
+        )
+    if array_api_compat.is_torch_array(x):
+        _check_torch_writable(path, x)
+    flags = getattr(x, "flags", None)
+    contiguous = (
+        x.is_contiguous() if array_api_compat.is_torch_array(x) else getattr(flags, "c_contiguous", True)
+    )
+    if not contiguous:
+        e = extent(x)
+        if e is not None and overlaps_itself(e.shape, e.strides, e.itemsize):
+            raise AliasingError(
+                f"{path}: parameter's elements share memory (a broadcast or expanded view, "
+                f"strides {e.strides}); an in-place step needs an array whose elements are distinct"
+            )
+
+
+def _check_torch_writable(path: str, x: Any) -> None:
+    torch = sys.modules["torch"]
+    if x.requires_grad and torch.is_grad_enabled():
+        raise UnsupportedArrayError(
+            f"{path}: parameter is a torch tensor that requires grad, which torch does not "
+            "let change in place while autograd records; call update_ inside `with torch.no_grad():`"
+        )
+    if x.is_inference() and not torch.is_inference_mode_enabled():
+        raise UnsupportedArrayError(
+            f"{path}: parameter is a torch inference tensor, which can only change in place "
+            "inside `torch.inference_mode()`; clone it outside inference mode to train it"
+        )
+
+
+def _check_disjoint(leaves: list[Leaf]) -> None:
+    """Refuse two distinct parameters that share memory (disjoint views of a buffer are fine)."""
+    if len(leaves) < 2:
+        return
+    pair = first_overlap([extent(leaf.x) for leaf in leaves])
+    if pair is not None:
+        first, second = leaves[pair[0]], leaves[pair[1]]
+        raise AliasingError(
+            f"{first.path} and {second.path}: the two parameters share memory (views of one "
+            "array, such as W and W.T, or overlapping slices), so an in-place step would update "
+            "it twice with two states; pass one of them, or disjoint views"
+        )
