@@ -29,6 +29,7 @@ import importlib
 import math
 import os
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -68,6 +69,8 @@ __all__ = [
     "compare_rules",
     "save_plots",
     "format_table",
+    "check_arguments",
+    "check_plots_directory",
     "run_demo",
     "build_parser",
     "main",
@@ -771,6 +774,55 @@ def _progress_bar(total: int, description: str, enabled: bool) -> Iterator[Calla
         yield bar.update
 
 
+def check_plots_directory(directory: Path) -> None:
+    """Raise `ValueError` unless plots can be saved in `directory`; creates nothing.
+
+    The directory must be one, or not exist yet and be creatable: its nearest
+    existing ancestor must be a directory that can be written to.  Writing is
+    tried (a temporary file, removed at once), since permission bits do not
+    tell the whole story (root, read-only mounts, ACLs).
+    """
+    if directory.exists():
+        if not directory.is_dir():
+            raise ValueError(f"{directory} is not a directory")
+        where, prefix = directory, f"cannot write in {directory}"
+    else:
+        ancestor = next((parent for parent in directory.absolute().parents if parent.exists()), None)
+        if ancestor is None or not ancestor.is_dir():
+            raise ValueError(f"cannot create {directory}: {ancestor} is not a directory")
+        where, prefix = ancestor, f"cannot create {directory}: cannot write in {ancestor}"
+    try:
+        with tempfile.TemporaryFile(dir=where):
+            pass
+    except OSError as err:
+        raise ValueError(f"{prefix} ({err.strerror or err})") from None
+
+
+def _plots_possible() -> bool:
+    try:
+        importlib.import_module("matplotlib")
+    except ImportError:
+        return False
+    return True
+
+
+def check_arguments(seed: int = SEED, plots: Path | None = None, steps: int | None = None) -> None:
+    """Raise `ValueError`, naming the option, for arguments the demo cannot run with.
+
+    Called before any work, so that a bad argument prints nothing of the tables.
+    The plots directory is checked only when matplotlib is there to draw them.
+    """
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"--seed must be a non-negative integer, got {seed}")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"--steps must be at least 1, got {steps}")
+    if plots is not None and _plots_possible():
+        try:
+            check_plots_directory(plots)
+        except ValueError as err:
+            raise ValueError(f"--plots {plots}: {err}") from None
+
+
 def run_demo(
     seed: int = SEED,
     out: TextIO | None = None,
@@ -789,7 +841,13 @@ def run_demo(
 
     Returns:
         The plot files written (none without matplotlib, which is then explained in `out`).
+
+    Raises:
+        ValueError: before printing anything, for a negative `seed`, `steps < 1`, or
+            a `plots` directory that cannot be created or written to
+            ([check_arguments][composeopt.demo.check_arguments]).
     """
+    check_arguments(seed, plots, steps)
     out = sys.stdout if out is None else out
     _print_regression(out, seed, progress)
     print(file=out)
@@ -830,7 +888,9 @@ def build_parser() -> argparse.ArgumentParser:
             "installed (the 'demo' extra) it also saves plots of the paths and loss curves."
         ),
     )
-    demo.add_argument("--seed", type=int, default=SEED, help=f"seed of every random draw (default {SEED})")
+    demo.add_argument(
+        "--seed", type=int, default=SEED, help=f"seed of every random draw, >= 0 (default {SEED})"
+    )
     demo.add_argument(
         "--steps",
         type=int,
@@ -843,7 +903,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         default=DEFAULT_PLOTS,
         metavar="DIR",
-        help=f"directory for the plots (default: {DEFAULT_PLOTS}/)",
+        help=f"directory for the plots, created if need be (default: {DEFAULT_PLOTS}/)",
     )
     demo.add_argument("--no-plots", action="store_true", help="do not save plots")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -857,12 +917,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
-    if args.steps is not None and args.steps < 1:
-        parser.error("--steps must be at least 1")
-    run_demo(
-        seed=args.seed,
-        plots=None if args.no_plots else args.plots,
-        progress=not args.quiet,
-        steps=args.steps,
-    )
+    plots = None if args.no_plots else args.plots
+    try:
+        check_arguments(args.seed, plots, args.steps)
+    except ValueError as err:
+        parser.error(str(err))  # exits with status 2, as for any other bad argument
+    run_demo(seed=args.seed, plots=plots, progress=not args.quiet, steps=args.steps)
     return 0

@@ -24,9 +24,11 @@ __all__ = [
     "ComposeoptError",
     "HyperparameterError",
     "NonFiniteError",
+    "ScheduleError",
     "ShapeMismatchError",
     "StateResetWarning",
     "TreeStructureError",
+    "UnknownHyperparameterError",
     "UnsupportedArrayError",
 ]
 
@@ -37,6 +39,24 @@ class ComposeoptError(Exception):
 
 class HyperparameterError(ComposeoptError, ValueError):
     """A rule was given an impossible hyperparameter (negative `eta`, `beta` outside [0, 1), ...)."""
+
+
+class UnknownHyperparameterError(HyperparameterError, AttributeError):
+    """A rule was asked for, or given, an attribute it does not have (`Adam().lr = 0.1`).
+
+    A typo would otherwise create a new attribute that no step ever reads, so
+    rules refuse new public attributes once constructed; the message suggests
+    the nearest hyperparameter (`did you mean 'eta'?`).  It is also an
+    `AttributeError`, so `hasattr` and `getattr(rule, name, default)` behave
+    as for any object.
+    """
+
+
+class ScheduleError(HyperparameterError):
+    """A schedule was built with an impossible field: a wrong type (`Linear(0.1, 0.2, "a")`)
+    or value (`Step(0.1, step_size=0)`).  The message names the schedule and the field,
+    as `Linear.steps: expected an integer, got 'a'`.  Like every impossible
+    hyperparameter it is a `ValueError`, whether the type or the value is wrong."""
 
 
 class TreeStructureError(ComposeoptError, ValueError):

@@ -10,8 +10,11 @@ class Momentum(Rule):
 
 The declaration order is the constructor's positional order, the names are its
 keywords, and `repr` and `==` are derived from them.  Assigning
-`opt.eta = -1` later raises just as `Momentum(-1)` does.  The functions of
-this module are the checks to pass to [Hyper][composeopt.Hyper].
+`opt.eta = -1` later raises just as `Momentum(-1)` does, and assigning a
+name that is not declared (`opt.lr = 0.1`) raises
+[UnknownHyperparameterError][composeopt.errors.UnknownHyperparameterError]
+(see [Rule][composeopt.Rule]).  The functions of this module are the checks
+to pass to [Hyper][composeopt.Hyper].
 
 Any hyperparameter may instead be given a *schedule*: a callable `step -> value`
 (see `composeopt.schedules`), or a tuple holding some, as in

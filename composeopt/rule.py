@@ -7,13 +7,15 @@ and is kept by the optimiser's state store, outside the rule.
 
 from __future__ import annotations
 
+import difflib
+import functools
 import inspect
 import math
 from collections.abc import Callable, Iterator, Sequence
 from types import SimpleNamespace
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-from .errors import ComposeoptError
+from .errors import ComposeoptError, UnknownHyperparameterError
 from .hyper import REQUIRED, Hyper, follow_schedules, settings
 
 __all__ = ["Rule", "State", "Replace", "walk_rules", "start_step", "keep_hyperparameters"]
@@ -85,6 +87,16 @@ class Rule:
     or by name; `repr` and `==` are derived from them.  See
     [Writing your own rule](../writing-rules.md) for a worked example.
 
+    Once constructed, a rule refuses new public attributes, so that a typo
+    such as `opt.lr = 0.1` raises
+    [UnknownHyperparameterError][composeopt.errors.UnknownHyperparameterError]
+    (`Adam has no hyperparameter 'lr'; did you mean 'eta'?`) instead of
+    creating an attribute that no step reads.  A rule may set any attribute of
+    its own while its constructor runs (a subclass's `__init__` that sets
+    `self.inner = inner`); afterwards it may set its hyperparameters, the
+    attributes its constructor created, attributes its class defines, and
+    private ones (a leading underscore).
+
     Examples:
         >>> import numpy as np, composeopt as co
         >>> from composeopt.hyper import nonnegative
@@ -110,6 +122,9 @@ class Rule:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        own_init = vars(cls).get("__init__")
+        if own_init is not None and not getattr(own_init, "_opens_attributes", False):
+            cls.__init__ = _constructor(own_init)  # type: ignore[method-assign]
         names: list[str] = []
         for klass in reversed(cls.__mro__):
             for name, value in vars(klass).items():
@@ -155,6 +170,23 @@ class Rule:
                     raise TypeError(f"{cls.__name__}() missing required argument {name!r}")
                 values[name] = default
             setattr(self, name, values[name])
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        own = vars(self)
+        if name.startswith("_") or name in own or _CONSTRUCTING in own or _class_defines(type(self), name):
+            object.__setattr__(self, name, value)
+        else:
+            raise UnknownHyperparameterError(_no_such_attribute(self, name))
+
+    if not TYPE_CHECKING:  # hidden from type checkers, which would then accept any attribute
+
+        def __getattr__(self, name: str) -> Any:
+            # Only reached when the normal lookup fails.  Names the class knows (a
+            # hyperparameter not set yet, a property whose getter failed) and private
+            # or special names get the plain error: they are not typos of the user's.
+            if name.startswith("_") or _class_defines(type(self), name):
+                raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+            raise UnknownHyperparameterError(_no_such_attribute(self, name))
 
     def hyperparameters(self) -> dict[str, Any]:
         """The current hyperparameter values, by name, in constructor order.
@@ -236,6 +268,96 @@ class Rule:
         return self.settings() == other.settings()
 
     __hash__ = None  # type: ignore[assignment]  # mutable, compared by value
+
+
+def _class_defines(cls: type, name: str) -> bool:
+    """Whether `cls` or a base defines `name` (a hyperparameter, property or class attribute).
+
+    Unlike `hasattr(cls, name)` this leaves out the metaclass's attributes (`mro`)."""
+    return any(name in vars(klass) for klass in cls.__mro__)
+
+
+_CONSTRUCTING = "_composeopt_constructing"
+"""Present in a rule's `__dict__` while one of its constructors runs."""
+
+
+def _constructor(init: Callable[..., None]) -> Callable[..., None]:
+    """`init`, run with the rule open to new attributes (only the outermost call closes it)."""
+
+    @functools.wraps(init)
+    def __init__(self: Rule, *args: Any, **kwargs: Any) -> None:  # noqa: N807 - it becomes the class's __init__
+        own = vars(self)
+        outermost = _CONSTRUCTING not in own
+        own[_CONSTRUCTING] = True
+        try:
+            init(self, *args, **kwargs)
+        finally:
+            if outermost:
+                own.pop(_CONSTRUCTING, None)
+
+    __init__._opens_attributes = True  # type: ignore[attr-defined]
+    return __init__
+
+
+_ALIASES = {
+    "lr": "eta",
+    "learning_rate": "eta",
+    "weight_decay": "lambda_",
+    "momentum": "rho",
+    "alpha": "rho",
+    "betas": "beta",
+    "beta1": "beta",
+    "beta2": "beta",
+    "b1": "beta",
+    "b2": "beta",
+    "eps": "epsilon",
+}
+"""torch.optim and optax names of hyperparameters that composeopt names otherwise."""
+
+
+def _closest(rule: Rule, name: str) -> str | None:
+    """The hyperparameter (or own public attribute) of `rule` that `name` most likely meant."""
+    names = type(rule)._hyper_names
+    alias = _ALIASES.get(name)
+    if alias in names:
+        return alias
+    candidates = [*names, *(key for key in vars(rule) if not key.startswith("_") and key not in names)]
+    matches = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+    return matches[0] if matches else None
+
+
+def _nested(rule: Rule, prefix: str) -> Iterator[tuple[str, Rule]]:
+    """`(path, rule)` for every rule inside `rule`, its path written as the user would reach it."""
+    own = {id(value): key for key, value in vars(rule).items() if not key.startswith("_")}
+    for index, child in enumerate(rule.children()):
+        path = f"{prefix}.{own[id(child)]}" if id(child) in own else f"{prefix}[{index}]"
+        yield path, child
+        yield from _nested(child, path)
+
+
+def _no_such_attribute(rule: Rule, name: str) -> str:
+    kind = type(rule).__name__
+    message = f"{kind} has no hyperparameter {name!r}"
+    suggestion = _closest(rule, name)
+    if suggestion is not None:
+        return f"{message}; did you mean {suggestion!r}?"
+    inner = [
+        (path, child, meant)
+        for path, child in _nested(rule, "opt")
+        for meant in [name if name in type(child)._hyper_names else _closest(child, name)]
+        if meant is not None and meant in type(child)._hyper_names
+    ]
+    if inner:
+        shown = ", ".join(f"{path}.{meant} ({type(child).__name__})" for path, child, meant in inner[:3])
+        message = f"{message}; did you mean {shown}{', ...' if len(inner) > 3 else ''}?"
+        meant_names = {meant for _, _, meant in inner}
+        if len(meant_names) == 1:
+            message += f" adjust_(opt, {meant_names.pop()}=...) sets it on every rule that has it."
+        return message
+    names = type(rule)._hyper_names
+    if not names:
+        return f"{message}; it has none of its own"
+    return f"{message}; its hyperparameters are {', '.join(names)}"
 
 
 def _format(value: Any) -> str:

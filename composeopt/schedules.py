@@ -12,17 +12,27 @@ below are written with `t = step - 1`, the 0-based count that torch's
 MindSpore use, so `value(step)` equals their value at `t`.  Every schedule
 is a frozen dataclass: printable, comparable, and its `repr` evaluates back.
 Any other callable `step -> value` (a lambda) works as a schedule too.
+
+Every field is checked when the schedule is built: a wrong type or an
+impossible value raises [ScheduleError][composeopt.errors.ScheduleError]
+(a [HyperparameterError][composeopt.errors.HyperparameterError], hence a
+`ValueError`) naming the schedule and the field, e.g.
+`Linear.steps: expected an integer, got 'a'`.  Values are finite real
+numbers (not `bool`, not NaN), step counts are integers (`10`, not `10.0`),
+switches are `True` or `False`, and NumPy scalars become Python numbers.
 """
 
 from __future__ import annotations
 
 import math
+import numbers
 from bisect import bisect_right
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Union
 
-from .errors import HyperparameterError
+from .errors import HyperparameterError, ScheduleError
+from .hyper import flag, nonnegative_int, positive_int
 
 __all__ = [
     "Schedule",
@@ -49,9 +59,120 @@ __all__ = [
 ScheduleLike = Union["Schedule", Callable[[int], Any], float]
 
 
-def _require(condition: bool, message: str) -> None:
+Check = Callable[[Any], Any]
+
+
+def _checked(owner: Any, /, **checks: Check) -> None:
+    """Check and normalise the named fields of the frozen dataclass `owner`."""
+    for name, check in checks.items():
+        object.__setattr__(owner, name, _field(type(owner).__name__, name, check, getattr(owner, name)))
+
+
+def _field(owner: str, name: str, check: Check, value: Any) -> Any:
+    try:
+        return check(value)
+    except HyperparameterError as err:
+        raise ScheduleError(f"{owner}.{name}: {err}") from None
+
+
+def _require(condition: bool, owner: str, name: str, message: str) -> None:
     if not condition:
-        raise HyperparameterError(message)
+        raise ScheduleError(f"{owner}.{name}: {message}")
+
+
+def _real(value: Any, *, finite: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise HyperparameterError(f"expected a real number, got {value!r}")
+    if math.isnan(value):
+        raise HyperparameterError("expected a real number, got NaN")
+    if finite and math.isinf(value):
+        raise HyperparameterError(f"must be finite, got {value!r}")
+    as_given: Any = value  # Python numbers keep their type, so that `repr` shows them as written
+    return as_given if type(as_given) in (int, float) else float(value)
+
+
+def _number(value: Any) -> float:
+    """A finite real number."""
+    return _real(value)
+
+
+def _at_least(low: float) -> Check:
+    def check(value: Any) -> float:
+        number = _real(value)
+        if number < low:
+            raise HyperparameterError(f"must be >= {low}, got {number!r}")
+        return number
+
+    return check
+
+
+def _positive(value: Any) -> float:
+    number = _real(value)
+    if number <= 0:
+        raise HyperparameterError(f"must be > 0, got {number!r}")
+    return number
+
+
+def _count(value: Any) -> int:
+    """An integer step count `>= 1` (NumPy integers become `int`)."""
+    return int(positive_int(value))
+
+
+def _optional_count(value: Any) -> int | None:
+    return None if value is None else _count(value)
+
+
+def _index(value: Any) -> int:
+    """A 0-based step `t >= 0`, as a milestone or boundary."""
+    return int(nonnegative_int(value))
+
+
+def _one_of(*choices: str) -> Check:
+    def check(value: Any) -> str:
+        if not (isinstance(value, str) and value in choices):
+            raise HyperparameterError(f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
+
+    return check
+
+
+def _schedule_or_number(value: Any) -> Any:
+    if callable(value):
+        return value
+    try:
+        return _number(value)
+    except HyperparameterError:
+        raise HyperparameterError(f"expected a schedule or a finite real number, got {value!r}") from None
+
+
+def _items(check: Check) -> Check:
+    """A sequence (list, tuple, ...) whose every item passes `check`, as a tuple."""
+
+    def items(value: Any) -> tuple[Any, ...]:
+        if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+            raise HyperparameterError(f"expected a sequence, got {value!r}")
+        checked = []
+        for position, item in enumerate(value):
+            try:
+                checked.append(check(item))
+            except HyperparameterError as err:
+                raise HyperparameterError(f"item {position}: {err}") from None
+        return tuple(checked)
+
+    return items
+
+
+def _increasing(check: Check) -> Check:
+    """A sequence of `check`ed items in non-decreasing order."""
+    sequence = _items(check)
+
+    def increasing(value: Any) -> tuple[Any, ...]:
+        items: tuple[Any, ...] = sequence(value)
+        if list(items) != sorted(items):
+            raise HyperparameterError(f"must not decrease, got {items!r}")
+        return items
+
+    return increasing
 
 
 def _as_schedule(value: ScheduleLike) -> Callable[[int], Any]:
@@ -75,6 +196,10 @@ class Constant(Schedule):
 
     value: float
 
+    def __post_init__(self) -> None:
+        # Infinity is allowed: the rule's own check decides whether it fits the hyperparameter.
+        _checked(self, value=lambda value: _real(value, finite=False))
+
     def __call__(self, step: int) -> float:
         return self.value
 
@@ -88,7 +213,7 @@ class Step(Schedule):
     gamma: float = 0.1
 
     def __post_init__(self) -> None:
-        _require(self.step_size >= 1, f"Step: step_size must be >= 1, got {self.step_size}")
+        _checked(self, value=_number, step_size=_count, gamma=_positive)
 
     def __call__(self, step: int) -> float:
         return self.value * self.gamma ** ((step - 1) // self.step_size)
@@ -103,8 +228,7 @@ class MultiStep(Schedule):
     gamma: float = 0.1
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "milestones", tuple(self.milestones))
-        _require(list(self.milestones) == sorted(self.milestones), "MultiStep: milestones must increase")
+        _checked(self, value=_number, milestones=_increasing(_index), gamma=_positive)
 
     def __call__(self, step: int) -> float:
         return self.value * self.gamma ** bisect_right(self.milestones, step - 1)
@@ -116,6 +240,9 @@ class Exponential(Schedule):
 
     value: float
     gamma: float
+
+    def __post_init__(self) -> None:
+        _checked(self, value=_number, gamma=_positive)
 
     def __call__(self, step: int) -> float:
         return self.value * self.gamma ** (step - 1)
@@ -131,7 +258,7 @@ class _TimeDecay(Schedule):
     staircase: bool = False
 
     def __post_init__(self) -> None:
-        _require(self.decay_steps >= 1, f"{type(self).__name__}: decay_steps must be >= 1")
+        _checked(self, value=_number, decay_rate=_at_least(0), decay_steps=_count, staircase=flag)
 
     def progress(self, step: int) -> float:
         t = step - 1
@@ -187,7 +314,7 @@ class PolynomialDecay(Schedule):
     cycle: bool = False
 
     def __post_init__(self) -> None:
-        _require(self.decay_steps >= 1, "PolynomialDecay: decay_steps must be >= 1")
+        _checked(self, value=_number, end_value=_number, decay_steps=_count, power=_at_least(0), cycle=flag)
 
     def __call__(self, step: int) -> float:
         t = step - 1
@@ -211,14 +338,13 @@ class PiecewiseConstant(Schedule):
     values: tuple[float, ...]
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "boundaries", tuple(self.boundaries))
-        object.__setattr__(self, "values", tuple(self.values))
+        _checked(self, boundaries=_increasing(_index), values=_items(_number))
         _require(
             len(self.values) == len(self.boundaries) + 1,
-            "PiecewiseConstant: needs one more value than boundaries",
-        )
-        _require(
-            list(self.boundaries) == sorted(self.boundaries), "PiecewiseConstant: boundaries must increase"
+            "PiecewiseConstant",
+            "values",
+            f"needs one more value than boundaries, got {len(self.values)} values "
+            f"and {len(self.boundaries)} boundaries",
         )
 
     def __call__(self, step: int) -> float:
@@ -243,7 +369,7 @@ class CosineAnnealing(Schedule):
     eta_min: float = 0.0
 
     def __post_init__(self) -> None:
-        _require(self.t_max >= 1, "CosineAnnealing: t_max must be >= 1")
+        _checked(self, value=_number, t_max=_count, eta_min=_number)
 
     def __call__(self, step: int) -> float:
         return _cosine(self.value, self.eta_min, min(step - 1, self.t_max) / self.t_max)
@@ -264,9 +390,7 @@ class CosineAnnealingWarmRestarts(Schedule):
     eta_min: float = 0.0
 
     def __post_init__(self) -> None:
-        _require(
-            self.t_0 >= 1 and self.t_mult >= 1, "CosineAnnealingWarmRestarts: t_0 and t_mult must be >= 1"
-        )
+        _checked(self, value=_number, t_0=_count, t_mult=_count, eta_min=_number)
 
     def __call__(self, step: int) -> float:
         t_cur, period = step - 1, self.t_0
@@ -290,7 +414,7 @@ class Linear(Schedule):
     steps: int
 
     def __post_init__(self) -> None:
-        _require(self.steps >= 1, "Linear: steps must be >= 1")
+        _checked(self, start=_number, end=_number, steps=_count)
 
     def __call__(self, step: int) -> float:
         return self.start + (self.end - self.start) * min(step - 1, self.steps) / self.steps
@@ -310,7 +434,7 @@ class Warmup(Schedule):
     start: float = 0.0
 
     def __post_init__(self) -> None:
-        _require(self.steps >= 0, "Warmup: steps must be >= 0")
+        _checked(self, schedule=_schedule_or_number, steps=_index, start=_number)
 
     def __call__(self, step: int) -> float:
         inner = _as_schedule(self.schedule)
@@ -339,9 +463,34 @@ class OneCycle(Schedule):
     three_phase: bool = False
 
     def __post_init__(self) -> None:
-        _require(self.total_steps >= 2, "OneCycle: total_steps must be >= 2")
-        _require(0 < self.pct_start < 1, "OneCycle: pct_start must be in (0, 1)")
-        _require(self.anneal in ("cos", "linear"), "OneCycle: anneal must be 'cos' or 'linear'")
+        _checked(
+            self,
+            max_value=_number,
+            total_steps=_count,
+            pct_start=_number,
+            anneal=_one_of("cos", "linear"),
+            div_factor=_positive,
+            final_div_factor=_positive,
+            three_phase=flag,
+        )
+        _require(self.total_steps >= 2, "OneCycle", "total_steps", f"must be >= 2, got {self.total_steps}")
+        _require(0 < self.pct_start < 1, "OneCycle", "pct_start", f"must be in (0, 1), got {self.pct_start}")
+        # Each phase must span a positive number of steps, or its fraction divides by zero.
+        rise_end = self.pct_start * self.total_steps - 1
+        _require(
+            rise_end > 0,
+            "OneCycle",
+            "pct_start",
+            f"the rise must last more than one step (pct_start * total_steps > 1), "
+            f"got {self.pct_start} * {self.total_steps}",
+        )
+        _require(
+            not self.three_phase or 2 * rise_end < self.total_steps - 1,
+            "OneCycle",
+            "pct_start",
+            f"with three_phase, the rise and the fall must end before the last step "
+            f"(2 * pct_start * total_steps < total_steps + 1), got {self.pct_start} * {self.total_steps}",
+        )
 
     def __call__(self, step: int) -> float:
         initial = self.max_value / self.div_factor
@@ -382,10 +531,14 @@ class Cyclic(Schedule):
     gamma: float = 1.0
 
     def __post_init__(self) -> None:
-        _require(self.step_size_up >= 1, "Cyclic: step_size_up must be >= 1")
-        _require(
-            self.mode in ("triangular", "triangular2", "exp_range"),
-            "Cyclic: mode must be 'triangular', 'triangular2' or 'exp_range'",
+        _checked(
+            self,
+            base=_number,
+            max_value=_number,
+            step_size_up=_count,
+            step_size_down=_optional_count,
+            mode=_one_of("triangular", "triangular2", "exp_range"),
+            gamma=_positive,
         )
 
     def __call__(self, step: int) -> float:
@@ -407,7 +560,11 @@ class Cyclic(Schedule):
 def Triangle(low: float, high: float, period: int) -> Cyclic:  # noqa: N802 - reads as a schedule class
     """ParameterSchedulers.jl's `Triangle`: a symmetric triangular wave of `period` steps
     from `low` up to `high` and back (`period` even)."""
-    _require(period >= 2 and period % 2 == 0, "Triangle: period must be an even number >= 2")
+    low, high = _field("Triangle", "low", _number, low), _field("Triangle", "high", _number, high)
+    period = _field("Triangle", "period", _count, period)
+    _require(
+        period >= 2 and period % 2 == 0, "Triangle", "period", f"must be an even number >= 2, got {period}"
+    )
     return Cyclic(low, high, period // 2)
 
 
@@ -424,12 +581,14 @@ class Join(Schedule):
     boundaries: tuple[int, ...]
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "schedules", tuple(self.schedules))
-        object.__setattr__(self, "boundaries", tuple(self.boundaries))
+        _checked(self, schedules=_items(_schedule_or_number), boundaries=_increasing(_index))
         _require(
-            len(self.schedules) == len(self.boundaries) + 1, "Join: needs one more schedule than boundaries"
+            len(self.schedules) == len(self.boundaries) + 1,
+            "Join",
+            "schedules",
+            f"needs one more schedule than boundaries, got {len(self.schedules)} schedules "
+            f"and {len(self.boundaries)} boundaries",
         )
-        _require(list(self.boundaries) == sorted(self.boundaries), "Join: boundaries must increase")
 
     def __call__(self, step: int) -> float:
         index = bisect_right(self.boundaries, step - 1)

@@ -118,22 +118,37 @@ def rebuild(tree: Any, replace: Callable[[Any], Any]) -> Any:
 
     Containers are rebuilt with their own type where it can be (dict
     subclasses, namedtuples, list and tuple subclasses); non-array leaves are
-    kept as they are.
+    kept as they are.  Each distinct array and container is rebuilt once, so
+    what the input shares (the same list under two keys, a tied array) the
+    output shares too, and `replace` is called once per distinct array.
     """
-    if is_array(tree):
-        return replace(tree)
-    if isinstance(tree, Mapping):
-        items = {key: rebuild(value, replace) for key, value in tree.items()}
-        return _same_mapping(tree, items)
-    if _is_namedtuple(tree):
-        return type(tree)(*(rebuild(value, replace) for value in tree))
-    if isinstance(tree, (list, tuple)):
-        items_seq = [rebuild(value, replace) for value in tree]
-        try:
-            return type(tree)(items_seq)
-        except TypeError:
-            return tuple(items_seq) if isinstance(tree, tuple) else items_seq
-    return tree
+    done: dict[int, Any] = {}
+    kept: list[Any] = []  # holds the inputs, so that no id in `done` is reused meanwhile
+
+    def copy_of(node: Any) -> Any:
+        if not (is_array(node) or isinstance(node, (Mapping, list, tuple))):
+            return node
+        key = id(node)
+        if key not in done:
+            kept.append(node)
+            done[key] = _rebuilt(node, copy_of, replace)
+        return done[key]
+
+    return copy_of(tree)
+
+
+def _rebuilt(node: Any, copy_of: Callable[[Any], Any], replace: Callable[[Any], Any]) -> Any:
+    if is_array(node):
+        return replace(node)
+    if isinstance(node, Mapping):
+        return _same_mapping(node, {key: copy_of(value) for key, value in node.items()})
+    if _is_namedtuple(node):
+        return type(node)(*(copy_of(value) for value in node))
+    items = [copy_of(value) for value in node]
+    try:
+        return type(node)(items)
+    except TypeError:
+        return tuple(items) if isinstance(node, tuple) else items
 
 
 def _same_mapping(original: Mapping[Any, Any], items: dict[Any, Any]) -> Mapping[Any, Any]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import runpy
 import subprocess
 import sys
@@ -371,3 +372,102 @@ def test_steps_must_be_positive(capsys):
         demo.main(["demo", "--steps", "0"])
     assert info.value.code == 2
     assert "--steps must be at least 1" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------
+# Bad arguments are refused before any work
+# --------------------------------------------------------------------------
+
+
+def refused(capsys, argv):
+    """Run the command line with `argv`; return its error output after checking that it
+    exited with status 2 and printed nothing of the demo."""
+    with pytest.raises(SystemExit) as info:
+        demo.main(argv)
+    assert info.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "Traceback" not in captured.err
+    return captured.err
+
+
+@pytest.mark.parametrize("seed", ["-1", "-42"])
+def test_a_negative_seed_is_refused_before_any_output(capsys, seed):
+    err = refused(capsys, ["demo", "--quiet", "--no-plots", "--seed", seed])
+    assert f"--seed must be a non-negative integer, got {seed}" in err
+
+
+@pytest.mark.parametrize("steps", ["0", "-5"])
+def test_a_non_positive_step_count_is_refused_before_any_output(capsys, steps):
+    err = refused(capsys, ["demo", "--quiet", "--no-plots", "--steps", steps])
+    assert f"--steps must be at least 1, got {steps}" in err
+
+
+def test_a_plots_directory_under_a_regular_file_is_refused_before_any_output(
+    capsys, tmp_path, short_regression
+):
+    pytest.importorskip("matplotlib")
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("a file, not a directory")
+    err = refused(capsys, ["demo", "--quiet", "--steps", "5", "--plots", str(blocker / "plots")])
+    assert "--plots" in err and "cannot create" in err and "notes.txt" in err and "not a directory" in err
+
+
+def test_a_plots_path_that_is_a_file_is_refused_before_any_output(capsys, tmp_path, short_regression):
+    pytest.importorskip("matplotlib")
+    blocker = tmp_path / "plots"
+    blocker.write_text("a file, not a directory")
+    err = refused(capsys, ["demo", "--quiet", "--steps", "5", "--plots", str(blocker)])
+    assert "--plots" in err and "not a directory" in err
+
+
+@pytest.mark.skipif(sys.platform == "win32" or os.geteuid() == 0, reason="permissions do not bind root")
+def test_a_read_only_plots_directory_is_refused_before_any_output(capsys, tmp_path, short_regression):
+    pytest.importorskip("matplotlib")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        err = refused(capsys, ["demo", "--quiet", "--steps", "5", "--plots", str(locked / "plots")])
+    finally:
+        locked.chmod(0o700)
+    assert "--plots" in err and "cannot write" in err
+
+
+def test_checking_the_plots_directory_creates_nothing(tmp_path):
+    target = tmp_path / "new" / "plots"
+    demo.check_plots_directory(target)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_run_demo_refuses_bad_arguments_before_printing(tmp_path, capsys):
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("")
+    bad = [dict(seed=-1), dict(steps=0), dict(seed=True), dict(steps=2.5)]
+    if demo._plots_possible():
+        bad.append(dict(plots=blocker / "plots"))
+    for arguments in bad:
+        with pytest.raises(ValueError, match=f"--{next(iter(arguments))}"):
+            demo.run_demo(**arguments)
+    assert capsys.readouterr().out == ""
+
+
+def test_without_matplotlib_the_plots_directory_is_not_checked(monkeypatch, tmp_path):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("")
+    demo.check_arguments(plots=blocker / "plots")  # nothing will be written there
+
+
+def test_python_dash_m_composeopt_refuses_a_negative_seed():
+    done = subprocess.run(
+        [sys.executable, "-m", "composeopt", "demo", "--quiet", "--seed", "-1"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert "--seed must be a non-negative integer" in done.stderr and "Traceback" not in done.stderr

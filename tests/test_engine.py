@@ -367,3 +367,33 @@ def test_reset_forgets_state_and_steps():
     co.update_(opt, x, arr(1.0))
     assert co.reset_(opt) is opt
     assert len(co.state_store(opt)) == 0 and co.state_store(opt).step == 0
+
+
+@pytest.mark.parametrize(
+    "make_shared", [lambda: [arr(1.0), arr(2.0)], lambda: {"w": arr(1.0), "b": arr(2.0)}]
+)
+def test_functional_update_keeps_a_shared_container_shared(make_shared):
+    import copy
+
+    from composeopt.tree import array_leaves
+
+    shared = make_shared()
+    tree = {"a": shared, "b": shared, "c": (shared, [shared])}
+    new = co.update(co.Descent(0.5), tree, {"a": shared, "b": shared, "c": (shared, [shared])})
+    assert new["a"] is new["b"] is new["c"][0] is new["c"][1][0]
+    assert new["a"] is not shared
+    in_place = copy.deepcopy(tree)  # deepcopy keeps the sharing too
+    co.update_(co.Descent(0.5), in_place, copy.deepcopy(tree))
+    for got, want in zip(array_leaves(new), array_leaves(in_place)):
+        np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_rebuild_calls_replace_once_per_distinct_array_and_container():
+    from composeopt.tree import rebuild
+
+    x = arr(1.0)
+    inner = [x, x]
+    calls = []
+    out = rebuild({"p": inner, "q": inner, "r": (x,)}, lambda leaf: calls.append(leaf) or leaf * 2)
+    assert len(calls) == 1
+    assert out["p"] is out["q"] and out["p"][0] is out["p"][1] is out["r"][0]

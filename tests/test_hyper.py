@@ -139,3 +139,166 @@ def test_rules_show_their_constructor_signature():
     assert str(inspect.signature(co.Adam)) == "(eta=0.001, beta=(0.9, 0.999), epsilon=1e-08)"
     assert str(inspect.signature(co.ClipGlobalNorm)) == "(omega, p=2)"
     assert "rules" in str(inspect.signature(co.Optimiser))
+
+
+# --------------------------------------------------------------------------
+# Unknown attributes: a misspelt hyperparameter is an error, not a new field
+# --------------------------------------------------------------------------
+
+
+def test_a_misspelt_hyperparameter_is_refused_and_the_value_stays():
+    from composeopt.errors import UnknownHyperparameterError
+
+    opt = co.Optimiser(co.ClipNorm(1.0), co.WeightDecay(), co.Adam())
+    with pytest.raises(
+        UnknownHyperparameterError, match=r"^Adam has no hyperparameter 'lr'; did you mean 'eta'\?"
+    ):
+        opt[2].lr = 0.5
+    with pytest.raises(
+        UnknownHyperparameterError, match=r"^Adam has no hyperparameter 'etta'; did you mean 'eta'\?"
+    ):
+        opt[2].etta = 0.3
+    assert opt[2].eta == 0.001 and "lr" not in vars(opt[2]) and "etta" not in vars(opt[2])
+
+
+def test_the_error_is_a_hyperparameter_error_and_an_attribute_error():
+    from composeopt.errors import ComposeoptError, UnknownHyperparameterError
+
+    assert issubclass(UnknownHyperparameterError, HyperparameterError)
+    assert issubclass(UnknownHyperparameterError, ComposeoptError)
+    assert issubclass(UnknownHyperparameterError, AttributeError)
+    with pytest.raises(AttributeError):
+        co.Descent().learning_rate = 0.1
+    with pytest.raises(ValueError):  # HyperparameterError is a ValueError
+        co.Descent().learning_rate = 0.1
+
+
+@pytest.mark.parametrize(
+    ("rule", "name", "suggestion"),
+    [
+        (co.Adam(), "lr", "eta"),
+        (co.Adam(), "learning_rate", "eta"),
+        (co.Adam(), "betas", "beta"),
+        (co.Adam(), "eps", "epsilon"),
+        (co.AdamW(), "weight_decay", "lambda_"),
+        (co.WeightDecay(), "weight_decay", "lambda_"),
+        (co.Momentum(), "momentum", "rho"),
+        (co.Momentum(), "rh0", "rho"),
+        (co.ExpDecay(), "decay_steps", "decay_step"),
+        (co.AdamW(), "lambda", "lambda_"),
+    ],
+)
+def test_torch_and_optax_names_and_typos_get_a_suggestion(rule, name, suggestion):
+    with pytest.raises(
+        AttributeError, match=rf"has no hyperparameter '{name}'; did you mean '{suggestion}'\?"
+    ):
+        setattr(rule, name, 0.1)
+
+
+def test_a_name_far_from_every_hyperparameter_lists_them():
+    with pytest.raises(AttributeError, match=r"Adam has no hyperparameter 'colour'.*eta, beta, epsilon"):
+        co.Adam().colour = "red"
+
+
+def test_reading_a_misspelt_hyperparameter_says_what_there_is():
+    opt = co.Adam()
+    with pytest.raises(AttributeError, match=r"Adam has no hyperparameter 'lr'; did you mean 'eta'\?"):
+        opt.lr  # noqa: B018
+    assert not hasattr(opt, "lr") and getattr(opt, "lr", None) is None
+    assert hasattr(opt, "eta") and hasattr(opt, "fallible")
+
+
+def test_a_chain_points_to_its_rules():
+    opt = co.Optimiser(co.ClipNorm(1.0), co.Adam())
+    with pytest.raises(AttributeError, match=r"Optimiser has no hyperparameter 'eta'.*opt\[1\]\.eta"):
+        opt.eta = 0.1
+    with pytest.raises(AttributeError, match=r"Optimiser has no hyperparameter 'lr'.*opt\[1\]\.eta"):
+        opt.lr = 0.1
+
+
+def test_private_class_level_and_own_attributes_stay_settable():
+    opt = co.Adam()
+    opt._note = "private attributes are the caller's business"
+    opt.fallible = True  # a class-level attribute
+    assert opt._note and opt.fallible is True
+    chain = co.Optimiser(co.Descent())
+    chain.rules = (co.Descent(0.2),)  # set by its own constructor
+    assert chain[0].eta == 0.2
+    groups = co.Groups(("*", co.Descent()), default=co.Adam())
+    groups.default = co.Descent(0.3)
+    lookahead = co.Lookahead(co.Adam())
+    lookahead.inner = co.Descent()
+    muon = co.Muon()
+    muon.fallback = co.Adam()
+    with pytest.raises(AttributeError, match="Muon has no hyperparameter 'fallbak'"):
+        muon.fallbak = co.Adam()
+
+
+def test_a_read_only_property_stays_read_only():
+    with pytest.raises(AttributeError):
+        co.Optimiser(co.Descent()).assigns = True
+
+
+def test_user_rules_with_their_own_constructor_keep_working():
+    class Scaled(co.Rule):
+        eta = co.Hyper(0.1)
+
+        def __init__(self, eta=0.1, scale=2.0):
+            self.scale = scale  # a plain attribute, set before the hyperparameters
+            super().__init__(eta)
+            self.offset = 0.0  # and one after
+
+        def apply_(self, state, x, dx):
+            return self.eta * self.scale * dx + self.offset
+
+    class MoreScaled(Scaled):
+        def __init__(self, factor=3.0):
+            super().__init__(scale=factor)
+            self.factor = factor
+
+        def apply_(self, state, x, dx):
+            return super().apply_(state, x, dx) * self.factor
+
+    rule = Scaled(0.5, 4.0)
+    assert (rule.eta, rule.scale, rule.offset) == (0.5, 4.0, 0.0)
+    rule.scale = 1.0  # already its own attribute: still settable
+    x = np.array([1.0])
+    co.update_(rule, x, np.array([1.0]))
+    np.testing.assert_allclose(x, [0.5])
+    with pytest.raises(AttributeError, match="Scaled has no hyperparameter 'scael'; did you mean 'scale'"):
+        rule.scael = 3.0
+    nested = MoreScaled()
+    assert (nested.scale, nested.factor) == (3.0, 3.0)
+    with pytest.raises(AttributeError, match="MoreScaled has no hyperparameter 'lr'"):
+        nested.lr = 1.0
+    assert str(__import__("inspect").signature(Scaled)) == "(eta=0.1, scale=2.0)"
+
+
+def test_a_constructor_that_fails_half_way_leaves_no_open_window():
+    class Picky(co.Rule):
+        def __init__(self, fail):
+            self.before = 1
+            if fail:
+                raise RuntimeError("no")
+
+    with pytest.raises(RuntimeError):
+        Picky(True)
+    rule = Picky(False)
+    with pytest.raises(AttributeError):
+        rule.after = 2
+    assert not [name for name in vars(rule) if name.startswith("_")]
+
+
+def test_adjust_copies_and_checkpoints_still_set_hyperparameters(tmp_path):
+    import copy
+
+    opt = co.Optimiser(co.WeightDecay(), co.Adam())
+    co.adjust_(opt, 0.01, lambda_=0.1)
+    assert opt[1].eta == 0.01 and opt[0].lambda_ == 0.1
+    with pytest.raises(HyperparameterError, match="no rule"):
+        co.adjust_(opt, lr=0.1)
+    clone = copy.deepcopy(opt)
+    assert clone == opt
+    clone[1].eta = 0.5
+    with pytest.raises(AttributeError):
+        clone[1].lr = 0.5

@@ -277,3 +277,159 @@ def test_a_schedule_reaching_an_invalid_value_fails_the_step_atomically():
     assert opt[0].eta == decayed and co.state_store(opt).step == 2
     with pytest.raises(HyperparameterError):
         co.Adam(eta=co.Linear(-1.0, 1.0, 3))  # invalid already at step 1
+
+
+# --- every field of every schedule is checked at construction ---------------------------
+
+NAN = float("nan")
+NOT_A_NUMBER = ["0.1", None, True, NAN, 1j]  # wanted: a finite real number
+NOT_A_COUNT = ["5", None, True, 2.5, 5.0, NAN]  # wanted: an integer
+NOT_A_FLAG = [1, 0, "yes", None]
+
+VALID_SCHEDULES = {
+    "Constant": dict(value=0.1),
+    "Step": dict(value=0.1, step_size=10, gamma=0.5),
+    "MultiStep": dict(value=0.1, milestones=(5, 10), gamma=0.5),
+    "Exponential": dict(value=0.1, gamma=0.9),
+    "ExponentialDecay": dict(value=0.1, decay_rate=0.5, decay_steps=10, staircase=False),
+    "InverseTimeDecay": dict(value=0.1, decay_rate=0.5, decay_steps=10, staircase=True),
+    "NaturalExpDecay": dict(value=0.1, decay_rate=0.5, decay_steps=10, staircase=False),
+    "PolynomialDecay": dict(value=0.1, end_value=0.0, decay_steps=10, power=2.0, cycle=False),
+    "PiecewiseConstant": dict(boundaries=(5, 10), values=(0.1, 0.01, 0.001)),
+    "CosineAnnealing": dict(value=0.1, t_max=10, eta_min=0.0),
+    "CosineAnnealingWarmRestarts": dict(value=0.1, t_0=5, t_mult=2, eta_min=0.0),
+    "Linear": dict(start=0.0, end=0.1, steps=10),
+    "Warmup": dict(schedule=co.Constant(0.1), steps=5, start=0.0),
+    "OneCycle": dict(
+        max_value=0.1,
+        total_steps=100,
+        pct_start=0.3,
+        anneal="cos",
+        div_factor=25.0,
+        final_div_factor=1e4,
+        three_phase=False,
+    ),
+    "Cyclic": dict(base=0.01, max_value=0.1, step_size_up=5, step_size_down=6, mode="triangular", gamma=1.0),
+    "Triangle": dict(low=0.0, high=0.1, period=10),
+    "Join": dict(schedules=(co.Constant(0.1), co.Linear(0.1, 0.0, 10)), boundaries=(5,)),
+}
+
+BAD_FIELDS = {
+    "Constant": {"value": ["0.1", None, True, NAN]},
+    "Step": {
+        "value": NOT_A_NUMBER,
+        "step_size": [*NOT_A_COUNT, 0, -1],
+        "gamma": [*NOT_A_NUMBER, -0.5, math.inf],
+    },
+    "MultiStep": {
+        "value": NOT_A_NUMBER,
+        "milestones": [5, None, "5", (5, 2), (-1, 3), (2.5,), (True,), (None,)],
+        "gamma": [*NOT_A_NUMBER, -0.5],
+    },
+    "Exponential": {"value": NOT_A_NUMBER, "gamma": [*NOT_A_NUMBER, -0.9, math.inf]},
+    **{
+        name: {
+            "value": NOT_A_NUMBER,
+            "decay_rate": [*NOT_A_NUMBER, -0.5],
+            "decay_steps": [*NOT_A_COUNT, 0, -10],
+            "staircase": NOT_A_FLAG,
+        }
+        for name in ("ExponentialDecay", "InverseTimeDecay", "NaturalExpDecay")
+    },
+    "PolynomialDecay": {
+        "value": NOT_A_NUMBER,
+        "end_value": NOT_A_NUMBER,
+        "decay_steps": [*NOT_A_COUNT, 0],
+        "power": [*NOT_A_NUMBER, -1.0],
+        "cycle": NOT_A_FLAG,
+    },
+    "PiecewiseConstant": {
+        "boundaries": [5, None, (10, 5), (-1, 5), (2.5, 5), (True, 5)],
+        "values": [0.1, None, ("a", 0.1, 0.1), (0.1, None, 0.1), (0.1, NAN, 0.1), (0.1, 0.1)],
+    },
+    "CosineAnnealing": {"value": NOT_A_NUMBER, "t_max": [*NOT_A_COUNT, 0], "eta_min": NOT_A_NUMBER},
+    "CosineAnnealingWarmRestarts": {
+        "value": NOT_A_NUMBER,
+        "t_0": [*NOT_A_COUNT, 0],
+        "t_mult": [*NOT_A_COUNT, 0],
+        "eta_min": NOT_A_NUMBER,
+    },
+    "Linear": {"start": NOT_A_NUMBER, "end": NOT_A_NUMBER, "steps": [*NOT_A_COUNT, 0, -3]},
+    "Warmup": {
+        "schedule": ["0.1", None, True, NAN],
+        "steps": [*NOT_A_COUNT, -1],
+        "start": NOT_A_NUMBER,
+    },
+    "OneCycle": {
+        "max_value": NOT_A_NUMBER,
+        "total_steps": [*NOT_A_COUNT, 1, 0, -5],
+        "pct_start": [*NOT_A_NUMBER, 0.0, 1.0, 1.5, -0.1, 0.005],
+        "anneal": ["sine", None, 1, True],
+        "div_factor": [*NOT_A_NUMBER, 0.0, -25.0, math.inf],
+        "final_div_factor": [*NOT_A_NUMBER, 0.0, -1.0, math.inf],
+        "three_phase": NOT_A_FLAG,
+    },
+    "Cyclic": {
+        "base": NOT_A_NUMBER,
+        "max_value": NOT_A_NUMBER,
+        "step_size_up": [*NOT_A_COUNT, 0],
+        "step_size_down": ["5", True, 2.5, 0, -1],
+        "mode": ["sine", None, 1],
+        "gamma": [*NOT_A_NUMBER, -1.0, 0.0],
+    },
+    "Triangle": {"low": NOT_A_NUMBER, "high": NOT_A_NUMBER, "period": [*NOT_A_COUNT, 0, 3, -2, 1]},
+    "Join": {
+        "schedules": [co.Constant(0.1), None, (co.Constant(0.1),), ("0.1", 0.1), (None, 0.1), (0.1, True)],
+        "boundaries": [5, None, (-1,), (2.5,), (True,), ("5",)],
+    },
+}
+
+BAD_CASES = [
+    pytest.param(name, field, bad, id=f"{name}.{field}={bad!r}")
+    for name, fields in BAD_FIELDS.items()
+    for field, values in fields.items()
+    for bad in values
+]
+
+
+def test_every_schedule_and_field_is_covered():
+    assert sorted(VALID_SCHEDULES) == sorted(
+        name for name in co.schedules.__all__ if name not in ("Schedule", "Sequence")
+    )
+    for name, fields in VALID_SCHEDULES.items():
+        assert sorted(BAD_FIELDS[name]) == sorted(fields), name
+
+
+@pytest.mark.parametrize("name", list(VALID_SCHEDULES))
+def test_the_valid_arguments_of_the_table_are_valid(name):
+    schedule = getattr(co, name)(**VALID_SCHEDULES[name])
+    assert all(math.isfinite(value) for value in schedule.preview(30))
+
+
+@pytest.mark.parametrize(("name", "field", "bad"), BAD_CASES)
+def test_a_wrong_field_names_the_schedule_and_the_field(name, field, bad):
+    from composeopt.errors import ScheduleError
+
+    arguments = {**VALID_SCHEDULES[name], field: bad}
+    with pytest.raises(ScheduleError, match=rf"^{name}\.{field}: ") as info:
+        getattr(co, name)(**arguments)
+    assert isinstance(info.value, HyperparameterError) and isinstance(info.value, ValueError)
+
+
+def test_a_schedule_error_reads_well():
+    from composeopt.errors import ScheduleError
+
+    with pytest.raises(ScheduleError, match=r"^Linear\.steps: expected an integer, got 'a'$"):
+        co.Linear(0.1, 0.2, "a")
+    with pytest.raises(ScheduleError, match=r"^Step\.step_size: must be >= 1, got 0$"):
+        co.Step(0.1, 0)
+    with pytest.raises(ScheduleError, match=r"^Linear\.start: expected a real number, got None$"):
+        co.Linear(None, 0.2, 10)
+
+
+def test_checked_fields_are_normalised_so_repr_round_trips():
+    schedule = co.MultiStep(0.1, [np.int64(5), 10], 0.5)
+    assert schedule.milestones == (5, 10) and type(schedule.milestones[0]) is int
+    assert eval(repr(schedule), vars(co)) == schedule
+    assert co.Linear(np.float32(0.5), 1, np.int32(10)).steps == 10
+    assert co.Cyclic(0.0, 1.0, 5, None).step_size_down is None
