@@ -2,7 +2,7 @@
 
 A step runs in three phases so that a failure never leaves it half done:
 
-1. check ([composeopt.check][]): pair params with grads and check structure,
+1. check (`composeopt.check`): pair params with grads and check structure,
    shapes, dtypes, modules, devices, writability and memory, before anything is
    written; the generic path copies each gradient (the caller's arrays are never
    modified; tied parameters get the sum of their gradients);

@@ -112,8 +112,9 @@ class Rule:
 
     fallible: ClassVar[bool] = True
     """Whether `apply_` may raise on input that passed the engine's checks.
-    The engine then copies this step's state first, so that a failing step leaves
-    every state as it was.  Built-in rules that cannot fail set it to `False`."""
+    A fallible rule takes the generic path, which copies the states first and puts
+    them back if anything raises; the fused paths write in one pass that cannot be
+    undone, so they take only rules that cannot fail, which set it to `False`."""
 
     assigns: ClassVar[bool] = False
     """Whether `apply_` may return a [Replace][composeopt.Replace]; such a rule must be last in a chain."""

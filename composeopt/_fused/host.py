@@ -67,13 +67,21 @@ class _HostBackend:
         raise NotImplementedError
 
     def clip_scales(self, sources: Sequence[Any], omega: float, p: float, joint: bool) -> list[float]:
-        powers = self.powers(sources, p)
+        # Summed in float64 here, but a power that the generic path, summing in the arrays' own
+        # dtype (as torch and optax do), finds too big to hold is infinite here too: the same
+        # norm, give or take the order of the sum, and so the same clip.
+        powers = [
+            power if power <= np.finfo(source.dtype).max else math.inf
+            for power, source in zip(self.powers(sources, p), sources)
+        ]
         if not joint:
             return [clip_scale(norm_from_power(power, p), omega) for power in powers]
         if p == math.inf:
             total = max(powers, default=0.0) if not any(power != power for power in powers) else math.nan
         else:
             total = math.fsum(powers) if all(math.isfinite(power) for power in powers) else sum(powers)
+            if sources and total > max(np.finfo(source.dtype).max for source in sources):
+                total = math.inf
         return [clip_scale(norm_from_power(total, p), omega)] * len(sources)
 
 
