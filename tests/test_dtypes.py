@@ -54,3 +54,17 @@ def test_low_precision_steps_match_float64_math_to_their_precision(dtype):
     tolerance = 5e-3 if dtype == np.float16 else 1e-6
     np.testing.assert_allclose(x.astype(np.float64), ref, atol=tolerance)
     assert co.state_store(opt32).get(x).mu.dtype == dtype
+
+
+@pytest.mark.parametrize("case", ["ClipValue(0.5)", "Rprop()", "FTRL()"])
+def test_clamping_rules_take_bfloat16(case):
+    # NumPy's clip through array-api-compat raises on ml_dtypes' bfloat16: these rules clamp
+    # with maximum and minimum instead, and agree with the float32 step rounded to bfloat16.
+    bfloat16 = pytest.importorskip("ml_dtypes").bfloat16
+    x = np.array([-1.5, -0.25, 0.0, 0.75, 3.0], dtype=bfloat16)
+    g = np.array([4.0, -0.3, 0.2, -2.0, 0.6], dtype=bfloat16)
+    x32 = x.astype(np.float32)
+    co.update_(CASES[case](), x, g)
+    co.update_(CASES[case](), x32, g.astype(np.float32))
+    assert x.dtype == bfloat16
+    np.testing.assert_array_equal(x.astype(np.float32), x32.astype(bfloat16).astype(np.float32))

@@ -120,6 +120,49 @@ def test_direction_is_the_dense_bfgs_inverse_hessian_of_the_last_pairs(memory):
         np.testing.assert_allclose(taken, expected, rtol=1e-9, atol=1e-13, err_msg=f"step {step + 1}")
 
 
+def test_a_0d_parameter_takes_the_dense_bfgs_step_of_the_tree():
+    # a 0-d leaf beside a vector: NumPy computes on it as on a scalar, and the tree's step
+    # must still be the one the dense BFGS formula gives for the concatenated (a, b).
+    params = {"a": np.array(1.0), "b": np.array([2.0, -1.0])}
+    opt = co.LBFGS(0.5)
+    points, gradients = [], []
+    for step in range(4):
+        grads = {"a": 2 * params["a"], "b": 3 * params["b"]}
+        points.append(np.array([params["a"], *params["b"]]))
+        gradients.append(np.array([grads["a"], *grads["b"]]))
+        co.update_(opt, params, grads)
+        assert params["a"].shape == ()
+        taken = points[-1] - np.array([params["a"], *params["b"]])
+        if step == 0:
+            expected = 0.5 * gradients[0] / max(1.0, np.sum(np.abs(gradients[0])))
+        else:
+            pairs = [(points[i + 1] - points[i], gradients[i + 1] - gradients[i]) for i in range(step)]
+            expected = _dense_lbfgs_step(pairs, gradients[-1], 0.5)
+        np.testing.assert_allclose(taken, expected, rtol=1e-12, atol=1e-15, err_msg=f"step {step + 1}")
+
+
+def test_float16_on_a_large_quadratic_stays_finite_and_reaches_the_float32_minimum():
+    # The first step is g / |g|_1, tiny over 20k elements: the pair it leaves has s^T y ~ 1e-4,
+    # and the two-loop scalars (alpha - beta ~ -7e4 here) pass float16's 65504.
+    # The float16 gradients cannot resolve that tiny first step, so the paths differ at first;
+    # both must reach the minimum, float16 to within its resolution.
+    rng = np.random.default_rng(3)
+    n = 20_000
+    target, curvature = rng.uniform(-4, 4, n), rng.uniform(0.5, 2.0, n)
+    runs = {}
+    for dtype in (np.float16, np.float32):
+        x, opt = np.zeros(n, dtype), co.LBFGS(1.0, memory=2)
+        for step in range(12):
+            co.update_(opt, x, (curvature * (x.astype(np.float64) - target)).astype(dtype))
+            assert np.all(np.isfinite(x)), f"{np.dtype(dtype).name}, step {step + 1}"
+        assert co.state_store(opt).get(x).s.dtype == dtype
+        runs[dtype] = x.astype(np.float64)
+    resolution = 8 * float(np.finfo(np.float16).eps) * np.max(np.abs(target))
+    np.testing.assert_allclose(runs[np.float32], target, atol=resolution / 10)
+    np.testing.assert_allclose(runs[np.float16], target, atol=resolution)
+    np.testing.assert_allclose(runs[np.float16], runs[np.float32], atol=resolution)
+
+
 def test_a_pair_without_positive_curvature_is_left_out():
     opt = co.LBFGS(0.5, memory=5)
     x = np.array([1.0, 2.0])

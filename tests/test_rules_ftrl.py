@@ -139,3 +139,29 @@ def ref_step(var, grad, accum, linear, lr, lr_power, l1, l2):
 def test_ftrl_rejects_impossible_hyperparameters(kwargs):
     with pytest.raises(HyperparameterError, match="FTRL"):
         co.FTRL(**kwargs)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_ftrl_16_bit_parameters_follow_the_formula_past_float16s_largest(dtype):
+    # Weights near 100 at the default eta: z ~ -(sqrt(n') - sqrt(n)) / eta * x reaches ~1e5 on
+    # the first step, past float16's 65504, and bfloat16's 8 bits drop each later change to z.
+    if dtype == "bfloat16":
+        dtype = pytest.importorskip("ml_dtypes").bfloat16
+    rng = np.random.default_rng(5)
+    x = (rng.uniform(60, 140, 8) * rng.choice([-1, 1], 8)).astype(dtype)
+    grads = [rng.normal(size=8).astype(dtype) for _ in range(20)]
+    var, accum, linear = x.astype(np.float64), np.full(8, 0.1), np.zeros(8)
+    opt, largest = co.FTRL(), 0.0
+    eps = float(np.finfo(dtype).eps)
+    for step, g in enumerate(grads, start=1):
+        before = x.astype(np.float64)
+        co.update_(opt, x, g)
+        var = ref_step(var, g.astype(np.float64), accum, linear, 1e-3, -0.5, 0.0, 0.0)  # in float64
+        largest = max(largest, float(np.max(np.abs(linear))))
+        assert x.dtype == dtype
+        # The engine subtracts x - x_new from x: x_new up to the rounding of the old x.
+        gap = np.abs(x.astype(np.float64) - var) / (eps * (np.abs(before) + np.abs(var)))
+        assert np.all(gap <= 3), f"after step {step}: {x} != {var}"
+    assert largest > 65504
+    state = co.state_store(opt).get(x)
+    assert state.accum.dtype == state.linear.dtype == np.float32

@@ -178,3 +178,19 @@ def test_signdecay_default_and_chain():
     x = np.array([3.0, -3.0, 0.0])
     co.update_(co.Optimiser(co.SignDecay(0.5), co.Descent(0.2)), x, np.array([1.0, 1.0, 1.0]))
     np.testing.assert_allclose(x, [3.0 - 0.2 * 1.5, -3.0 - 0.2 * 0.5, -0.2], rtol=1e-15)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_rprop_hand_computed_steps_in_16_bit(dtype):
+    # The float64 steps of test_rprop_hand_computed_steps, to the precision of the dtype (the
+    # step sizes 0.1, 0.2, 0.3, ... themselves round to it).
+    if dtype == "bfloat16":
+        dtype = pytest.importorskip("ml_dtypes").bfloat16
+    opt, x = co.Rprop(0.1, (0.5, 2.0), (0.05, 0.3)), np.zeros(2, dtype)
+    expected = [[-0.1, 0.1], [-0.3, 0.3], [-0.6, 0.3], [-0.6, 0.2], [-0.45, 0.0], [-0.15, -0.3]]
+    grads = [[1.0, -1.0], [2.0, -3.0], [5.0, 1.0], [-1.0, 1.0], [-1.0, 1.0], [-1.0, 1.0]]
+    eps = float(np.finfo(dtype).eps)
+    for g, want in zip(grads, expected):
+        co.update_(opt, x, np.array(g, dtype))
+        assert x.dtype == dtype
+        np.testing.assert_allclose(x.astype(np.float64), want, rtol=0, atol=4 * eps * 0.6)

@@ -14,6 +14,8 @@ __all__ = [
     "DIRECTION",
     "direction_scalars",
     "widened",
+    "widened_dtype",
+    "clamp",
     "norm_power",
     "norm_from_power",
 ]
@@ -54,12 +56,29 @@ def direction_scalars(beta: tuple[float, ...], t: int) -> tuple[float, float]:
     return 1 / (1 - b1**t), 1 / math.sqrt(1 - b2**t)
 
 
-def widened(xp: ModuleType, a: Any) -> Any:
-    """`a` in float32 if it is narrower, else `a` itself: what sums over it are reduced in.
+def widened_dtype(xp: ModuleType, dtype: Any) -> Any:
+    """float32 for a narrower dtype (float16, bfloat16), else `dtype` itself."""
+    return xp.float32 if xp.finfo(dtype).bits < 32 else dtype
 
-    16-bit sums of squares overflow (float16 tops out at 65504).
+
+def widened(xp: ModuleType, a: Any) -> Any:
+    """`a` in float32 if it is narrower, else `a` itself: what sums over it are reduced in,
+    and what accumulators and scalars that outgrow a 16-bit dtype are computed in.
+
+    16-bit sums of squares overflow (float16 tops out at 65504), and bfloat16's 8-bit
+    significand loses small additions to a large sum.
     """
-    return xp.astype(a, xp.float32) if xp.finfo(a.dtype).bits < 32 else a
+    wide = widened_dtype(xp, a.dtype)
+    return a if wide == a.dtype else xp.astype(a, wide)
+
+
+def clamp(xp: ModuleType, a: Any, low: float, high: float) -> Any:
+    """`a` clipped to `[low, high]` (NaN stays NaN), as the kernels' `minimum(maximum(a, low), high)`.
+
+    array-api-compat's `clip` raises on ml_dtypes' bfloat16 (NumPy's UFuncTypeError); `maximum`
+    and `minimum` take it.
+    """
+    return xp.minimum(xp.maximum(a, low), high)
 
 
 def norm_power(xp: ModuleType, dx: Any, p: float) -> Any:

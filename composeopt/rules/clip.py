@@ -13,7 +13,7 @@ from .._fused.kernel import Kernel, NormClip
 from ..errors import NonFiniteError, UnsupportedArrayError
 from ..hyper import REQUIRED, Hyper, flag, nonnegative, norm_order, positive
 from ..rule import Rule
-from ._math import norm_from_power, norm_power
+from ._math import clamp, norm_from_power, norm_power
 
 __all__ = ["ClipValue", "ClipGrad", "ClipNorm", "ClipGlobalNorm"]
 
@@ -52,7 +52,7 @@ class ClipValue(Rule):
     )
 
     def apply_(self, state: Any, x: Any, dx: Any) -> Any:
-        return namespace(dx).clip(dx, -self.thresh, self.thresh)
+        return clamp(namespace(dx), dx, -self.thresh, self.thresh)
 
 
 ClipGrad = ClipValue

@@ -6,11 +6,14 @@ import math
 import numbers
 from typing import Any
 
+from array_api_compat import device
+
 from .._dispatch import namespace
 from .._fused.kernel import Kernel
 from ..errors import HyperparameterError
 from ..hyper import Hyper, nonnegative, positive
 from ..rule import Rule, State
+from ._math import clamp, widened, widened_dtype
 
 __all__ = ["FTRL"]
 
@@ -72,7 +75,11 @@ class FTRL(Rule):
         l1: L1 strength $\ell_1 \ge 0$.
         l2: L2 strength $\ell_2 \ge 0$.
 
-    State: `accum` ($n$) and `linear` ($z$, starting at 0).
+    State: `accum` ($n$) and `linear` ($z$, starting at 0), in the parameter's
+    dtype, but float32 for a float16 or bfloat16 parameter, whose step is then
+    computed in float32 too: $|z| \approx |x| \sqrt{n} / \eta$ passes float16's
+    65504 at weights near 100 with the default $\eta$, and bfloat16's 8-bit
+    significand would round away the small additions to $n$ and $z$.
 
     Same as MindSpore's `nn.FTRL(params, initial_accum, learning_rate, lr_power, l1, l2)`
     and TensorFlow's `ApplyFtrl` op (`tf.raw_ops.ApplyFtrl`), whose defaults
@@ -103,17 +110,25 @@ class FTRL(Rule):
 
     def init(self, x: Any) -> State:
         xp = namespace(x)
-        return State(accum=xp.full_like(x, self.initial_accumulator), linear=xp.zeros_like(x))
+        wide = widened_dtype(xp, x.dtype)
+        return State(
+            accum=xp.full(x.shape, self.initial_accumulator, dtype=wide, device=device(x)),
+            linear=xp.zeros(x.shape, dtype=wide, device=device(x)),
+        )
 
     def apply_(self, state: State, x: Any, dx: Any) -> Any:
         xp = namespace(x)
+        x_wide, dx_wide = widened(xp, x), widened(xp, dx)
 
         def power(n: Any) -> Any:  # n^(-p), as the kernel computes it for p = -1/2
             return xp.sqrt(n) if self.lr_power == -0.5 else n ** (-self.lr_power)
 
-        fresh = state.accum + dx * dx
-        root = power(fresh)
-        state.linear += dx - (root - power(state.accum)) / self.eta * x
-        state.accum = fresh
-        target = (xp.clip(state.linear, -self.l1, self.l1) - state.linear) / (root / self.eta + 2 * self.l2)
-        return x - target
+        # In place, so that a 0-d parameter's state stays a float32 array rather than a
+        # NumPy scalar (which the engine would cast back to the parameter's dtype).
+        previous_root = power(state.accum)
+        state.accum += dx_wide * dx_wide
+        root = power(state.accum)
+        state.linear += dx_wide - (root - previous_root) / self.eta * x_wide
+        shrunk = clamp(xp, state.linear, -self.l1, self.l1) - state.linear
+        target = shrunk / (root / self.eta + 2 * self.l2)
+        return xp.astype(x_wide - target, x.dtype, copy=False)

@@ -8,7 +8,7 @@ from typing import Any
 
 from array_api_compat import device
 
-from .._dispatch import copy, namespace
+from .._dispatch import namespace
 from ..hyper import Hyper, nonnegative, positive_int
 from ..rule import Rule, State
 from ._math import norm_power, widened
@@ -48,7 +48,10 @@ class LBFGS(Rule):
     holds its slot in the memory until newer pairs push it out.  The first step
     has no pairs: $\Delta = \eta\, g / \max(1, \lVert g\rVert_1)$.  The dot
     products are sums over every parameter of the step and stay 0-d arrays on
-    the device.
+    the device.  For float16 and bfloat16 parameters they, the first step's
+    scale and the two-loop recursion are computed in float32 (its scalars
+    pass float16's 65504 when the steps are small); the pairs keep the
+    parameter's dtype.
 
     L-BFGS wants a step size that a line search chose; with `update_` and a
     fixed `eta` it works on smooth, mildly curved problems.
@@ -132,8 +135,11 @@ class LBFGS(Rule):
             state.t += 1
         pairs = min(t, size)
         if pairs == 0:
+            # 1 / |g|_1 of a large tree is a float16 subnormal, or 0 past |g|_1 = 1.7e7: scale in float32.
             first = 1.0 / xp.maximum(_l1(xp, dxs), 1.0)
-            return [(self.eta * xp.astype(first, dx.dtype)) * dx for dx in dxs]
+            wide = [widened(xp, dx) for dx in dxs]
+            steps = [(self.eta * xp.astype(first, w.dtype)) * w for w in wide]
+            return [xp.astype(step, dx.dtype, copy=False) for step, dx in zip(steps, dxs)]
         newest_first = [(t - 1 - j) % size for j in range(pairs)]
         return self._two_loop(xp, states, dxs, newest_first)
 
@@ -149,20 +155,27 @@ class LBFGS(Rule):
             rho[slot] = xp.where(valid, 1.0 / sy, 0.0)
             scale = xp.where(valid, sy / yy, 1.0)
             gamma = scale if gamma is None else xp.where(valid, scale, gamma)
-        q = [copy(xp, dx) for dx in dxs]
+        # q and r in float32 or wider: the scalars alpha and beta grow like 1/|s| as the steps
+        # shrink and pass float16's 65504 while the direction is still small.  New lists, not in-place
+        # updates: NumPy returns a 0-d array's products as scalars, which += would not write back.
+        q = [widened(xp, dx) for dx in dxs]
         alpha = {}
         for slot in slots:
             alpha[slot] = rho[slot] * _tree_dot(
                 xp, [(state.s[slot, ...], qi) for state, qi in zip(states, q)]
             )
-            for state, qi in zip(states, q):
-                qi -= xp.astype(alpha[slot], qi.dtype) * state.y[slot, ...]
+            q = [
+                qi - xp.astype(alpha[slot], qi.dtype) * widened(xp, state.y[slot, ...])
+                for state, qi in zip(states, q)
+            ]
         r = [xp.astype(gamma, qi.dtype) * qi for qi in q]
         for slot in reversed(slots):
             beta = rho[slot] * _tree_dot(xp, [(state.y[slot, ...], ri) for state, ri in zip(states, r)])
-            for state, ri in zip(states, r):
-                ri += xp.astype(alpha[slot] - beta, ri.dtype) * state.s[slot, ...]
-        return [self.eta * ri for ri in r]
+            r = [
+                ri + xp.astype(alpha[slot] - beta, ri.dtype) * widened(xp, state.s[slot, ...])
+                for state, ri in zip(states, r)
+            ]
+        return [xp.astype(self.eta * ri, dx.dtype, copy=False) for ri, dx in zip(r, dxs)]
 
 
 def _l1(xp: ModuleType, arrays: Sequence[Any]) -> Any:

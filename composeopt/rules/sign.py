@@ -9,7 +9,7 @@ from .._fused.kernel import Kernel
 from ..errors import HyperparameterError
 from ..hyper import Hyper, beta_pair, nonnegative, positive
 from ..rule import Rule, State
-from ._math import ema
+from ._math import clamp, ema
 
 __all__ = ["Rprop", "Lion", "SignDecay"]
 
@@ -121,7 +121,7 @@ class Rprop(Rule):
         held = xp.maximum(turn, 0.0)
         flipped = held - turn
         factor = up * held + down * flipped + (1.0 - held - flipped)
-        state.step = xp.clip(state.step * factor, low, high)
+        state.step = clamp(xp, state.step * factor, low, high)
         state.previous = dx * (1.0 - flipped)  # torch zeroes the gradient where its sign flipped
         return xp.sign(state.previous) * state.step
 
