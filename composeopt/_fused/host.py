@@ -71,7 +71,7 @@ class _HostBackend:
         # dtype (as torch and optax do), finds too big to hold is infinite here too: the same
         # norm, give or take the order of the sum, and so the same clip.
         powers = [
-            power if power <= np.finfo(source.dtype).max else math.inf
+            math.inf if power > np.finfo(source.dtype).max else power  # NaN stays NaN
             for power, source in zip(self.powers(sources, p), sources)
         ]
         if not joint:
