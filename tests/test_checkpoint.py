@@ -45,7 +45,7 @@ def test_state_dict_is_plain_data_keyed_by_path():
     params = trained(opt)
     sd = co.state_dict(opt, params)
     assert is_plain(sd)
-    assert sd["step"] == 7 and sd["version"] == 1 and sd["optimiser"] == repr(opt)
+    assert sd["step"] == 7 and sd["version"] == co.checkpoint.VERSION and sd["optimiser"] == repr(opt)
     assert set(sd["states"]) == {"params['W']", "params['b']", "params['s']"}
     assert sd["params"]["params['W']"] == {"shape": [3, 4], "dtype": "float64"}
     adam_state = sd["states"]["params['W']"]["__tuple__"][2]["__state__"]
@@ -439,7 +439,9 @@ def test_groups_fingerprint_names_patterns_and_predicates():
     def is_bias(path, x):
         return path.key == "b"
 
-    opt = co.Groups(("W", co.Adam()), (["a", "b*"], co.Adam()), (re.compile("^s$"), co.Adam()), (is_bias, co.Adam()))
+    opt = co.Groups(
+        ("W", co.Adam()), (["a", "b*"], co.Adam()), (re.compile("^s$"), co.Adam()), (is_bias, co.Adam())
+    )
     described = opt.describe_selectors()
     text = repr(described)
     assert "'W'" in text and "'b*'" in text and "'^s$'" in text and "is_bias" in text
@@ -620,3 +622,44 @@ def test_a_checkpoint_before_any_step_reads_like_a_fresh_optimiser():
     fresh = co.load_state_dict(chain(), params, co.state_dict(untouched, params))
     assert co.state_store(fresh).step == 0
     assert co.hyperparameters(fresh) == co.hyperparameters(chain())
+
+
+def test_a_schedule_that_cannot_reach_the_loaded_step_is_refused():
+    def eta(step):
+        return 0.1 if step < 5 else -1.0
+
+    opt = co.Adam(0.1)
+    params = trained(opt, 7)
+    sd = co.state_dict(opt, params)
+    del sd["hyperparameters"][0]["eta"]  # as if it had been scheduled when saved
+    refused(co.Adam(eta), params, sd, r"'step'.*step 7.*Adam\.eta")
+
+
+def test_version_one_checkpoints_still_load(tmp_path):
+    import json
+
+    opt = grouped("b")
+    params = trained(opt, 3)
+    sd = co.state_dict(opt, params)
+    old = {key: value for key, value in sd.items() if key != "groups"} | {"version": 1}
+    restored = co.load_state_dict(grouped("b"), params, old)
+    assert co.state_store(restored).step == 3
+    # Version 1 files named their members a0, a1, ...
+    arrays: dict[str, np.ndarray] = {}
+
+    def numbered(plain):
+        if isinstance(plain, np.ndarray):
+            arrays[f"a{len(arrays)}"] = plain
+            return {"__array__": f"a{len(arrays) - 1}"}
+        if isinstance(plain, dict):
+            return {key: numbered(value) for key, value in plain.items()}
+        if isinstance(plain, list):
+            return [numbered(item) for item in plain]
+        return plain
+
+    np.savez(tmp_path / "v1.npz", __composeopt__=np.array(json.dumps(numbered(old))), **arrays)
+    restored = co.load(tmp_path / "v1.npz", grouped("b"), params)
+    assert (
+        co.state_store(restored).get(params["b"])[1].v.tolist()
+        == co.state_store(opt).get(params["b"])[1].v.tolist()
+    )
