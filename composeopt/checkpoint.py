@@ -261,7 +261,7 @@ class _Restorer:
         if isinstance(fresh, dict) and all(isinstance(key, str) for key in fresh):
             entries = self.unwrap(plain, "__dict__", "a dict", where)
             if not isinstance(entries, dict) or set(entries) != set(fresh):
-                keys = sorted(entries) if isinstance(entries, dict) else _shown(entries)
+                keys = sorted(map(str, entries)) if isinstance(entries, dict) else _shown(entries)
                 raise self.fail(where, f"expected a dict with keys {sorted(fresh)}, got {keys}")
             return {
                 key: self.restore(entries[key], value, f"{where}[{key!r}]") for key, value in fresh.items()

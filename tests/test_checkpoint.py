@@ -663,3 +663,20 @@ def test_version_one_checkpoints_still_load(tmp_path):
         co.state_store(restored).get(params["b"])[1].v.tolist()
         == co.state_store(opt).get(params["b"])[1].v.tolist()
     )
+
+
+def test_a_file_loads_onto_another_module_and_device(tmp_path):
+    strict = pytest.importorskip("array_api_strict")
+    other = strict.Device("device1")
+    params = {"w": strict.asarray([1.0, 2.0], dtype=strict.float64, device=other)}
+    opt = co.Optimiser(co.ClipNorm(1.0), co.Adam(0.1))
+    co.update_(opt, params, {"w": strict.asarray([1.0, -1.0], dtype=strict.float64, device=other)})
+    co.save(tmp_path / "opt.npz", opt, params)
+    host = {"w": np.array([1.0, 2.0])}
+    on_host = co.load(tmp_path / "opt.npz", co.Optimiser(co.ClipNorm(1.0), co.Adam(0.1)), host)
+    assert type(co.state_store(on_host).get(host["w"])[1].mu) is np.ndarray
+    back = {"w": strict.asarray([1.0, 2.0], dtype=strict.float64, device=other)}
+    on_device = co.load(tmp_path / "opt.npz", co.Optimiser(co.ClipNorm(1.0), co.Adam(0.1)), back)
+    mu = co.state_store(on_device).get(back["w"])[1].mu
+    assert mu.device == other
+    np.testing.assert_array_equal(np.from_dlpack(mu), co.state_store(on_host).get(host["w"])[1].mu)
