@@ -44,6 +44,18 @@ def matches(selector: Selector, path: Path, x: Any) -> bool:
     return any(matches(pattern, path, x) for pattern in selector)
 
 
+def _described(selector: Selector) -> list[Any]:
+    if isinstance(selector, str):
+        return ["glob", selector]
+    if isinstance(selector, re.Pattern):
+        pattern = selector.pattern
+        return ["regex", pattern if isinstance(pattern, str) else repr(pattern), selector.flags]
+    if callable(selector):
+        named = selector if hasattr(selector, "__qualname__") else type(selector)
+        return ["predicate", f"{getattr(named, '__module__', '?')}.{getattr(named, '__qualname__', '?')}"]
+    return ["any", [_described(pattern) for pattern in selector]]
+
+
 class Groups(Rule):
     """Route each parameter to the rule of the first group whose selector takes it.
 
@@ -121,6 +133,17 @@ class Groups(Rule):
             for i, update in zip(members, inner):
                 updates[i] = update
         return updates
+
+    def describe_selectors(self) -> list[Any]:
+        """The grouping as plain data, for checkpoints to recognise it: each group's selector
+        (patterns as text, predicates by qualified name) and whether there is a default.
+
+        Examples:
+            >>> import composeopt as co
+            >>> co.Groups(("*/bias", co.Adam()), default=co.Descent()).describe_selectors()
+            [[['glob', '*/bias']], True]
+        """
+        return [[_described(selector) for selector, _ in self.groups], self.default is not None]
 
     def begin_step(self, step: int) -> None:
         for rule in self._rules():
