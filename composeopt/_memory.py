@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Extent", "extent", "overlaps_itself", "first_overlap", "shares_memory", "Extents"]
+__all__ = ["Extent", "extent", "owns_memory", "overlaps_itself", "first_overlap", "shares_memory", "Extents"]
 
 
 class Extent:
@@ -26,13 +26,23 @@ class Extent:
     __slots__ = ("device", "start", "end", "address", "shape", "strides", "itemsize")
 
     def __init__(
-        self, device: Any, address: int, shape: tuple[int, ...], strides: tuple[int, ...], itemsize: int
+        self,
+        device: Any,
+        address: int,
+        shape: tuple[int, ...],
+        strides: tuple[int, ...],
+        itemsize: int,
+        nbytes: int = 0,
+        contiguous: bool = False,
     ) -> None:
         self.device = device
         self.address = address
         self.shape = shape
         self.strides = strides
         self.itemsize = itemsize
+        if contiguous:  # C order: the elements fill [address, address + nbytes)
+            self.start, self.end = address, address + nbytes
+            return
         low = high = 0
         empty = False
         for n, stride in zip(shape, strides):
@@ -52,7 +62,10 @@ class Extent:
 def extent(a: Any) -> Extent | None:
     """The memory of array `a`, or `None` for arrays that do not expose their address."""
     if isinstance(a, np.ndarray):
-        return Extent(None, a.__array_interface__["data"][0], a.shape, a.strides, a.itemsize)
+        interface = a.__array_interface__
+        return Extent(
+            None, interface["data"][0], a.shape, a.strides, a.itemsize, a.nbytes, interface["strides"] is None
+        )
     module = type(a).__module__
     if module.startswith("cupy"):
         return Extent(("cupy", a.device.id), a.data.ptr, a.shape, a.strides, a.itemsize)
@@ -61,6 +74,12 @@ def extent(a: Any) -> Extent | None:
         strides = tuple(stride * size for stride in a.stride())
         return Extent(("torch", str(a.device)), a.data_ptr(), tuple(a.shape), strides, size)
     return None
+
+
+def owns_memory(a: Any) -> bool:
+    """Whether `a` is a NumPy array that owns its memory: no other array owning memory can
+    share any of it, so it needs no address check against them."""
+    return type(a) is np.ndarray and a.base is None
 
 
 def overlaps_itself(shape: Sequence[int], strides: Sequence[int], itemsize: int) -> bool:

@@ -17,7 +17,7 @@ import array_api_compat
 import numpy as np
 
 from ._dispatch import backend_name, is_array, namespace
-from ._memory import extent, first_overlap, overlaps_itself
+from ._memory import extent, first_overlap, overlaps_itself, owns_memory
 from .errors import AliasingError, ShapeMismatchError, UnsupportedArrayError
 from .store import StateStore
 from .tree import Path, zip_leaves
@@ -183,8 +183,8 @@ def _check_torch_writable(path: str, x: Any) -> None:
 
 def _check_disjoint(leaves: list[Leaf]) -> None:
     """Refuse two distinct parameters that share memory (disjoint views of a buffer are fine)."""
-    if len(leaves) < 2:
-        return
+    if all(owns_memory(leaf.x) for leaf in leaves):
+        return  # distinct arrays that own their memory are disjoint
     pair = first_overlap([extent(leaf.x) for leaf in leaves])
     if pair is not None:
         first, second = leaves[pair[0]], leaves[pair[1]]

@@ -185,6 +185,13 @@ def _forget(entries: dict[int, Any], changes: list[int], key: int) -> Callable[[
 
 def copy_state(state: Any) -> Any:
     """A deep copy of a state: arrays are copied on their own device, records recursed."""
+    kind = type(state)
+    if kind is np.ndarray:  # the common case, without the array-API dispatch
+        return state.copy()
+    if kind is State:
+        return State(**{name: copy_state(value) for name, value in vars(state).items()})
+    if state is None or kind is int or kind is float:
+        return state
     if is_array(state):
         return copy_array(namespace(state), state)
     if isinstance(state, State):

@@ -30,7 +30,7 @@ import numpy as np
 
 from .._dispatch import copy as copy_array
 from .._dispatch import namespace
-from .._memory import Extents, extent
+from .._memory import Extents, extent, owns_memory
 from ..check import MISSING
 from ..errors import ComposeoptError
 from ..rule import Rule, keep_hyperparameters, start_step
@@ -107,7 +107,18 @@ def backend_name(x: Any) -> str | None:
 class _Job:
     """One parameter in a fused step."""
 
-    __slots__ = ("leaf", "x", "state", "new", "rule_states", "arrays", "source", "scale", "scratch")
+    __slots__ = (
+        "leaf",
+        "x",
+        "state",
+        "new",
+        "rule_states",
+        "arrays",
+        "source",
+        "scale",
+        "scratch",
+        "checked",
+    )
 
     def __init__(self, leaf: Any, x: Any, state: Any, rule_states: list[Any], arrays: list[Any]) -> None:
         self.leaf = leaf
@@ -119,6 +130,7 @@ class _Job:
         self.source: Any = None  # the update as it flows: the gradient, then the scratch buffer
         self.scale: Any = None  # a pending factor from a clip, applied by the next stage
         self.scratch: Any = None
+        self.checked: Any = None  # what `_check` found of its state arrays
 
 
 _scratch: weakref.WeakKeyDictionary[StateStore, StateStore] = weakref.WeakKeyDictionary()
@@ -209,7 +221,6 @@ def _jobs(
     if known is None:
         known = _checked[store] = StateStore()
     jobs = []
-    written: list[Any] = []  # the extents of every array this step writes
     for leaf in leaves:
         x = leaf.x
         if not backend.accepts(x):
@@ -229,16 +240,33 @@ def _jobs(
             known.set(x, checked)
         job = _Job(leaf, backend.flat(x), state, checked.rule_states, checked.arrays)
         job.new = new
+        job.checked = checked
         jobs.append(job)
-        written.append(extent(x))
-        written.extend(checked.extents)
-    # A gradient that is (a view of) an array this step writes, another parameter say, would be
-    # read after that array changed: the kernels read a copy of it instead, as the generic path does.
-    table = Extents(written)
+    _read_gradients(backend, jobs)
+    return jobs
+
+
+def _read_gradients(backend: Backend, jobs: list[_Job]) -> None:
+    """Each job's gradient as the kernels read it.
+
+    A gradient that is (a view of) an array this step writes, another parameter say, would be
+    read after that array changed: the kernels read a copy of it instead, as the generic path
+    does.  A gradient that owns its memory and is none of those arrays cannot be one of them.
+    """
+    written = {id(job.leaf.x) for job in jobs}
+    for job in jobs:
+        written.update(map(id, job.checked.originals))
+    table: Extents | None = None
     for job in jobs:
         dx = job.leaf.dx
-        job.source = backend.gradient(job.leaf.x, copy_array(namespace(dx), dx) if table.meets(dx) else dx)
-    return jobs
+        if not (owns_memory(dx) and id(dx) not in written):
+            if table is None:
+                table = Extents(
+                    [extent(j.leaf.x) for j in jobs] + [e for j in jobs for e in j.checked.extents]
+                )
+            if table.meets(dx):
+                dx = copy_array(namespace(dx), dx)
+        job.source = backend.gradient(job.leaf.x, dx)
 
 
 def _check(backend: Backend, layout: Any, state: Any, x: Any) -> _Checked | None:
