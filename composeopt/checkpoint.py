@@ -20,24 +20,21 @@ only as far as its manifest and the parameters say it should be.
 
 from __future__ import annotations
 
-import io
 import json
-import math
 import numbers
 import os
-import reprlib
-import struct
 import tempfile
 import zipfile
-import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import array_api_compat
 import numpy as np
 
 from ._dispatch import is_array, namespace
+from ._npz import ARCHIVE_ERRORS, MAX_MANIFEST_CHARS, META, Archive, Refused
+from ._npz import shown as _shown
 from .engine import state_store
 from .errors import CheckpointError, ComposeoptError, HyperparameterError
 from .groups import Groups
@@ -61,10 +58,6 @@ VERSION = 2
 """Version 2 records the parameter groups' selectors; version 1 checkpoints still load."""
 MAX_STEP = 2**63 - 1
 """The largest step count or state counter a checkpoint may hold (counters are int64 in the kernels)."""
-MAX_MANIFEST_CHARS = 2**25
-"""The longest JSON manifest `load` reads (about 60 000 parameters' worth); `save` refuses longer."""
-
-_META = "__composeopt__"
 _MISSING: Any = object()
 _ENTRIES = {
     1: {
@@ -80,7 +73,6 @@ _ENTRIES = {
     },
 }
 _ENTRIES[2] = _ENTRIES[1] | {"groups"}
-_MAX_HEADER = 10_000  # NumPy's own limit on an .npy header
 _MAX_HYPER_DEPTH = 3  # a hyperparameter is a number, a string, or a (nested) tuple of them
 
 
@@ -156,23 +148,6 @@ def _dtype_name(dtype: Any) -> str:
     return str(dtype).rpartition(".")[2]
 
 
-_short = reprlib.Repr()
-_short.maxstring = _short.maxother = _short.maxlong = 60
-_short.maxlevel = 2
-
-
-def _shown(value: Any) -> str:
-    """A short description of a checkpoint value for a message (hostile ones can be huge)."""
-    if isinstance(value, np.ndarray):
-        return f"a {value.dtype} array of shape {tuple(value.shape)}"
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
-        return f"an integer of {value.bit_length()} bits"
-    try:
-        return _short.repr(value)
-    except ValueError:  # an integer too long to print, deep inside
-        return f"a {type(value).__name__}"
-
-
 def _count(value: Any, low: int = 0) -> bool:
     return type(value) is int and low <= value <= MAX_STEP
 
@@ -188,13 +163,9 @@ def _host_dtype(array: Any) -> np.dtype[Any]:
     return dtype
 
 
-class _Refused(Exception):
-    """What is wrong with one value of a state; the restorer adds where it is."""
-
-
 ReadArray = Callable[[Any, tuple[int, ...], "np.dtype[Any]"], np.ndarray]
 """`read(plain, shape, dtype)`: the host array that `plain` stands for (the array itself, or a
-reference into an archive), once it is known to have that shape and dtype; else `_Refused`."""
+reference into an archive), once it is known to have that shape and dtype; else `Refused`."""
 
 
 @dataclass
@@ -305,7 +276,7 @@ class _Restorer:
         dtype = _host_dtype(fresh)
         try:
             host = self.read(plain, shape, dtype)
-        except _Refused as err:
+        except Refused as err:
             raise self.fail(where, str(err)) from None
         if isinstance(fresh, (np.ndarray, np.generic)):
             return np.array(host, copy=True) if self.copy else host
@@ -317,7 +288,7 @@ class _Restorer:
 
 def _inline_array(plain: Any, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
     if not isinstance(plain, np.ndarray) or plain.dtype != dtype or plain.shape != shape:
-        raise _Refused(f"expected a {dtype} array of shape {shape}, got {_shown(plain)}")
+        raise Refused(f"expected a {dtype} array of shape {shape}, got {_shown(plain)}")
     return plain
 
 
@@ -696,7 +667,7 @@ def save(file: str | os.PathLike[str], opt: Rule, params: Any) -> None:
     handle, temporary = tempfile.mkstemp(dir=folder, prefix=".composeopt-", suffix=".npz")
     try:
         with os.fdopen(handle, "wb") as stream:
-            np.savez(stream, **{_META: np.array(meta)}, **arrays)  # type: ignore[arg-type]
+            np.savez(stream, **{META: np.array(meta)}, **arrays)  # type: ignore[arg-type]
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, target)
@@ -704,176 +675,6 @@ def save(file: str | os.PathLike[str], opt: Rule, params: Any) -> None:
         if os.path.exists(temporary):
             os.unlink(temporary)
         raise
-
-
-# What a damaged archive can raise from zipfile, zlib, bz2 and lzma, and NumPy's views of
-# its bytes: once the file is open, an OSError too is the archive's fault, not the disk's.
-_ARCHIVE_ERRORS = (
-    zipfile.BadZipFile,
-    zipfile.LargeZipFile,
-    EOFError,
-    OSError,
-    RuntimeError,
-    NotImplementedError,
-    ValueError,
-    struct.error,
-    zlib.error,
-)
-
-
-class _Archive:
-    """The members of an open `.npz`: each read at most once, and only after its header
-    shows the shape and dtype expected, so that no member is read past its expected size."""
-
-    def __init__(self, archive: zipfile.ZipFile) -> None:
-        self.archive = archive
-        self.members: dict[str, zipfile.ZipInfo] = {}
-        for info in archive.infolist():
-            if info.filename in self.members:
-                raise CheckpointError(f"the archive holds the member {info.filename!r} twice")
-            self.members[info.filename] = info
-        self.used: set[str] = set()
-
-    def _open(self, name: str, check: Callable[[tuple[int, ...], np.dtype[Any]], str | None]) -> np.ndarray:
-        info = self.members.get(name + ".npy")
-        if info is None:
-            raise CheckpointError(f"member {name!r} is not in the archive")
-        try:
-            with self.archive.open(info) as stream:
-                prefix = _npy_header(stream, name)
-                try:
-                    probe = io.BytesIO(prefix)
-                    major, _ = np.lib.format.read_magic(probe)
-                    read_header = (
-                        np.lib.format.read_array_header_1_0
-                        if major == 1
-                        else np.lib.format.read_array_header_2_0
-                    )
-                    shape, fortran, dtype = read_header(probe, max_header_size=_MAX_HEADER)
-                except Exception as err:  # NumPy parses the header with ast: any parse error
-                    raise CheckpointError(f"member {name!r} has a malformed .npy header: {err}") from None
-                problem = check(tuple(shape), dtype)
-                if problem is not None:
-                    raise CheckpointError(
-                        f"member {name!r} holds a {dtype} array of shape {tuple(shape)}; {problem}"
-                    )
-                size = math.prod(shape) * dtype.itemsize
-                if info.file_size != len(prefix) + size:
-                    raise CheckpointError(
-                        f"member {name!r} has {info.file_size} bytes, its header says {len(prefix) + size}"
-                    )
-                data = np.empty(size, np.uint8)
-                view, filled = data.data, 0
-                while filled < size:
-                    got = cast(io.BufferedIOBase, stream).readinto(view[filled:])
-                    if not got:
-                        raise CheckpointError(f"member {name!r} ends after {filled} of {size} bytes")
-                    filled += got
-                if stream.read(1):  # also makes zipfile compare the checksum
-                    raise CheckpointError(f"member {name!r} is longer than its header says")
-            return data.view(dtype).reshape(shape, order="F" if fortran else "C")
-        except CheckpointError:
-            raise
-        except _ARCHIVE_ERRORS as err:
-            raise CheckpointError(f"member {name!r} cannot be read: {err}") from None
-
-    def manifest(self) -> Any:
-        if _META + ".npy" not in self.members:
-            raise CheckpointError(f"not a composeopt checkpoint: the archive has no {_META!r} member")
-
-        def check(shape: tuple[int, ...], dtype: np.dtype[Any]) -> str | None:
-            if shape != () or dtype.kind != "U":
-                return "expected the manifest as one string"
-            if dtype.itemsize // 4 > MAX_MANIFEST_CHARS:
-                return f"that is {dtype.itemsize // 4} characters, more than {MAX_MANIFEST_CHARS}"
-            return None
-
-        self.used.add(_META)
-        try:
-            text = str(self._open(_META, check)[()])
-            manifest = json.loads(text, object_pairs_hook=_no_duplicate_keys)
-        except CheckpointError as err:
-            raise CheckpointError(f"manifest: {err}") from None
-        except (ValueError, RecursionError) as err:
-            raise CheckpointError(f"manifest: not valid JSON: {_shown(str(err))}") from None
-        if not isinstance(manifest, dict):
-            raise CheckpointError(f"manifest: expected a JSON object, got {_shown(manifest)}")
-        return manifest
-
-    def references(self, states: dict[str, Any]) -> None:
-        """Check that the manifest's references and the archive's members are the same set."""
-        named: set[str] = set()
-        stack: list[Any] = list(states.values())
-        while stack:  # not recursive: the manifest may be nested as deep as JSON allows
-            plain = stack.pop()
-            if isinstance(plain, dict) and "__array__" in plain:
-                name = plain["__array__"]
-                if len(plain) != 1 or not isinstance(name, str):
-                    raise CheckpointError(
-                        f"checkpoint entry 'states': malformed array reference {_shown(plain)}"
-                    )
-                if name in named or name == _META:
-                    raise CheckpointError(f"checkpoint entry 'states' refers to member {name!r} twice")
-                if name + ".npy" not in self.members:
-                    raise CheckpointError(
-                        f"checkpoint entry 'states' refers to member {name!r}, which is not in the archive"
-                    )
-                named.add(name)
-            elif isinstance(plain, dict):
-                stack.extend(plain.values())
-            elif isinstance(plain, list):
-                stack.extend(plain)
-        named.add(_META)
-        extra = sorted(
-            member for member in self.members if not member.endswith(".npy") or member[:-4] not in named
-        )
-        if extra:
-            raise CheckpointError(f"the archive has members that its manifest does not name: {extra}")
-
-    def read(self, plain: Any, shape: tuple[int, ...], dtype: np.dtype[Any]) -> np.ndarray:
-        if not (
-            isinstance(plain, dict) and set(plain) == {"__array__"} and isinstance(plain["__array__"], str)
-        ):
-            raise _Refused(f"expected a reference to a {dtype} array of shape {shape}, got {_shown(plain)}")
-        name = plain["__array__"]
-        if name in self.used:
-            raise _Refused(f"member {name!r} is used twice")
-        self.used.add(name)
-        expected = f"expected a {dtype} array of shape {shape}"
-
-        def check(got_shape: tuple[int, ...], got_dtype: np.dtype[Any]) -> str | None:
-            return None if (got_shape, got_dtype) == (shape, dtype) else expected
-
-        try:
-            return self._open(name, check)
-        except CheckpointError as err:
-            raise _Refused(str(err)) from None
-
-
-def _npy_header(stream: Any, name: str) -> bytes:
-    """The bytes of an .npy member's header, read no further than NumPy's limit on its length."""
-    start = stream.read(8)
-    if len(start) != 8 or start[:6] != b"\x93NUMPY" or start[6] not in (1, 2):
-        raise CheckpointError(f"member {name!r} is not a version 1 or 2 .npy array")
-    width = 2 if start[6] == 1 else 4
-    length_bytes = stream.read(width)
-    length = int.from_bytes(length_bytes, "little")
-    if len(length_bytes) != width or length > _MAX_HEADER:
-        raise CheckpointError(f"member {name!r} has a malformed or oversized .npy header")
-    header = stream.read(length)
-    if len(header) != length:
-        raise CheckpointError(f"member {name!r} ends inside its .npy header")
-    return bytes(start + length_bytes + header)
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    result = dict(pairs)
-    if len(result) != len(pairs):
-        keys = [key for key, _ in pairs]
-        raise CheckpointError(
-            f"a JSON object names {_shown(next(k for k in keys if keys.count(k) > 1))} twice"
-        )
-    return result
 
 
 def load(file: str | os.PathLike[str], opt: Rule, params: Any, strict: bool = True) -> Rule:
@@ -892,10 +693,10 @@ def load(file: str | os.PathLike[str], opt: Rule, params: Any, strict: bool = Tr
         try:
             try:
                 archive = zipfile.ZipFile(stream)
-            except _ARCHIVE_ERRORS as err:
+            except ARCHIVE_ERRORS as err:
                 raise CheckpointError(f"not a composeopt checkpoint: not a .npz archive ({err})") from None
             with archive:
-                members = _Archive(archive)
+                members = Archive(archive)
                 checkpoint = members.manifest()
                 load_ = _checked(
                     opt,
