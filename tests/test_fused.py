@@ -29,10 +29,10 @@ GENERIC_ONLY = {
     # path can undo a step, so chains holding it take that path.
     "ClipNorm()": "fallible",
     "Optimiser(ClipNorm, WeightDecay, Adam)": "fallible",
-    # Groups route parameters by path to different rules (issue 4); they take the generic path.
+    # Groups route parameters by path to different rules; they take the generic path.
     "Groups(b: Adam, default: AdamW)": "parameter groups",
     "Optimiser(ClipGlobalNorm, Groups(W: Momentum, default: Descent))": "parameter groups",
-    # Rules that decide per step whether (and how) a parameter changes (issue 3).
+    # Rules that decide per step whether (and how) a parameter changes.
     "AccumGrad(2)": "skips steps",
     "Optimiser(AccumGrad(3), Adam)": "skips steps",
     "Optimiser(ClipValue, AccumGrad(2), ClipGlobalNorm, Momentum)": "skips steps",
@@ -42,7 +42,7 @@ GENERIC_ONLY = {
     "MixedPrecision(Optimiser(WeightDecay, Momentum), float64)": "master copy",
     # The kernel language has no power function: FTRL's fast path is lr_power = -1/2 (a sqrt).
     "FTRL(lr_power=-0.7)": "FTRL with a power other than -1/2",
-    # Layer-wise and factored rules (issue 3) reduce over each array between reading dx and writing.
+    # Layer-wise and factored rules reduce over each array between reading dx and writing.
     "Lamb()": "per-array reduction",
     "Lamb(lambda_=0.01)": "per-array reduction",
     "Lars()": "per-array reduction",

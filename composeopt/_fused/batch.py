@@ -55,8 +55,8 @@ BATCH_MIN = 16
 BATCH_MEAN_SIZE = 1 << 13
 """Trees whose arrays hold more elements than this on average are read where their
 gradients are, rather than from one copy of them all.  Per array, reading in place costs
-about a microsecond more in checks, the copy a quarter of a nanosecond per element: on
-this project's machines the two cross between 4000 and 10000 elements."""
+about a microsecond more in checks, the copy a quarter of a nanosecond per element: measured,
+the two cross between 4000 and 10000 elements."""
 
 
 _shape = attrgetter("shape")
