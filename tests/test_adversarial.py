@@ -31,10 +31,11 @@ from composeopt._fused import batch
 from composeopt.errors import ComposeoptError, StateResetWarning
 from composeopt.registry import CASES
 
-PATHS = ("generic", "fused", "batched", "batched-by-address")
+PATHS = ("generic", "fused", "fused-numpy", "batched", "batched-by-address")
 MODES = {  # _fused.MODE, batching, gradients read where they are when batched
     "generic": ("off", False, False),
     "fused": ("auto", False, False),
+    "fused-numpy": ("numpy", False, False),  # the blocked NumPy backend, used without numba
     "batched": ("auto", True, False),
     "batched-by-address": ("auto", True, True),
 }
