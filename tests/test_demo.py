@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import runpy
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 
 import composeopt as co
 from composeopt import demo
+from composeopt.demo import cli, runs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -329,7 +331,7 @@ def test_save_plots_writes_pngs(tmp_path):
 def short_regression(monkeypatch):
     """The demo's first part with 50 steps per case instead of 5000 to 20000."""
     cases = tuple((label, factory, 50) for label, factory, _ in demo.REGRESSION_CASES)
-    monkeypatch.setattr(demo, "REGRESSION_CASES", cases)
+    monkeypatch.setattr(runs, "REGRESSION_CASES", cases)
 
 
 def test_without_matplotlib_the_demo_explains_how_to_get_plots(
@@ -345,18 +347,45 @@ def test_without_matplotlib_the_demo_explains_how_to_get_plots(
     assert not (tmp_path / "plots").exists()
 
 
-def test_progress_bar_goes_to_stderr(capsys, short_regression):
+class Terminal(io.StringIO):
+    """Standard error as a terminal: what is written to it stays readable."""
+
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_goes_to_stderr_on_a_terminal(monkeypatch, capsys, short_regression):
+    pytest.importorskip("tqdm")
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    demo.main(["demo", "--steps", "20", "--no-plots"])
+    assert "comparison" in terminal.getvalue() and "linear regression" in terminal.getvalue()
+    assert "comparison" not in capsys.readouterr().out
+
+
+def test_no_progress_bar_when_stderr_is_not_a_terminal(capsys, short_regression):
+    # capsys's standard error is no terminal, like a log file or a pipe: a bar redrawn with
+    # carriage returns would only litter it.
     pytest.importorskip("tqdm")
     demo.main(["demo", "--steps", "20", "--no-plots"])
     captured = capsys.readouterr()
-    assert "comparison" in captured.err and "linear regression" in captured.err
-    assert "comparison" not in captured.out
+    assert captured.err == ""
+    assert "3. Rules side by side" in captured.out
 
 
-def test_progress_without_tqdm_is_silent(monkeypatch, capsys, short_regression):
+def test_quiet_turns_the_bar_off_on_a_terminal_too(monkeypatch, short_regression):
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    demo.main(["demo", "--steps", "5", "--no-plots", "--quiet"])
+    assert terminal.getvalue() == ""
+
+
+def test_progress_without_tqdm_is_silent(monkeypatch, short_regression):
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
     monkeypatch.setitem(sys.modules, "tqdm", None)
     demo.main(["demo", "--steps", "5", "--no-plots"])
-    assert capsys.readouterr().err == ""
+    assert terminal.getvalue() == ""
 
 
 def test_demo_help_lists_its_options(capsys):
@@ -444,7 +473,7 @@ def test_run_demo_refuses_bad_arguments_before_printing(tmp_path, capsys):
     blocker = tmp_path / "notes.txt"
     blocker.write_text("")
     bad = [dict(seed=-1), dict(steps=0), dict(seed=True), dict(steps=2.5)]
-    if demo._plots_possible():
+    if cli._plots_possible():
         bad.append(dict(plots=blocker / "plots"))
     for arguments in bad:
         with pytest.raises(ValueError, match=f"--{next(iter(arguments))}"):
