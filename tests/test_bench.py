@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 
 from composeopt import bench
+from composeopt.bench import gpu as bench_gpu
 
 
 def test_resnet50_has_its_161_arrays_and_25_6m_parameters():
@@ -30,8 +33,25 @@ def test_bench_runs_and_writes_json(tmp_path, capsys):
     assert all(row["ms"] > 0 and row["x_floor"] > 0 for row in saved["results"])
 
 
+def test_python_dash_m_composeopt_bench_keeps_its_options():
+    done = subprocess.run(
+        [sys.executable, "-m", "composeopt.bench", "--help"], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: python -m composeopt.bench")
+    for option in ("--sets", "--quick", "--scale", "--reps", "--threads", "--only", "--json", "--device"):
+        assert option in done.stdout
+
+
+def test_an_unknown_set_is_refused(capsys):
+    with pytest.raises(SystemExit) as info:
+        bench.main(["--sets", "big,huge"])
+    assert info.value.code == 2
+    assert "unknown sets ['huge']" in capsys.readouterr().err
+
+
 def test_gpu_sets_are_refused_without_a_gpu(capsys):
-    if bench.bench_gpu.gpu_available():
+    if bench_gpu.gpu_available():
         pytest.skip("a GPU is present")
     with pytest.raises(SystemExit):
         bench.main(["--device", "gpu", "--scale", "0.0005", "--reps", "1"])
@@ -40,7 +60,7 @@ def test_gpu_sets_are_refused_without_a_gpu(capsys):
 
 @pytest.mark.cupy
 def test_gpu_sets_run_and_report_copy_bandwidth(tmp_path, capsys):
-    if not bench.bench_gpu.gpu_available():
+    if not bench_gpu.gpu_available():
         pytest.skip("needs CuPy and a GPU")
     path = tmp_path / "bench.json"
     report = bench.main(["--device", "gpu", "--scale", "0.001", "--reps", "2", "--json", str(path)])

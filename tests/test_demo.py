@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import runpy
 import subprocess
@@ -13,6 +14,7 @@ import pytest
 
 import composeopt as co
 from composeopt import demo
+from composeopt.demo import cli, plots, runs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -325,11 +327,102 @@ def test_save_plots_writes_pngs(tmp_path):
         assert file.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and file.stat().st_size > 10_000
 
 
+def comparison(name, steps=None):
+    """One problem of the comparison and the runs of its seven rules."""
+    problem = {p.name: p for p in demo.problems()}[name]
+    return problem, [demo.run_rule(problem, factory(), steps) for factory in problem.rules]
+
+
+def drawn(axes, rule):
+    """The line that `axes` draws for `rule` (its gid)."""
+    (line,) = [line for line in axes.get_lines() if line.get_gid() == rule]
+    return line
+
+
+def test_loss_plot_draws_the_gaps_that_the_table_reports():
+    # The table says Adam ends at 7e-29 and AdaBelief at 2e-31: no floor may cut the curves.
+    pytest.importorskip("matplotlib")
+    problem, results = comparison("rosenbrock")
+    assert min(run.final_loss for run in results) < 1e-30
+    figure = plots.loss_figure(problem, results)
+    axes = figure.axes[0]
+    assert axes.get_yscale() == "log"
+    for run in results:
+        np.testing.assert_array_equal(drawn(axes, run.rule).get_ydata(), run.losses)
+    assert axes.get_ylim()[0] <= min(run.final_loss for run in results)
+    assert len(figure.axes) == 1  # no loss is 0 here: no strip for zeros
+
+
+def test_loss_plot_marks_the_steps_where_the_loss_reaches_the_minimum():
+    # On the quartic, loss - minimum reaches 0 (and rounding takes it below): those steps
+    # cannot sit on a log scale, so a strip under it marks them, rule by rule.
+    pytest.importorskip("matplotlib")
+    problem, results = comparison("quartic")
+    figure = plots.loss_figure(problem, results)
+    curves, strip = figure.axes[:2]
+    reached = 0
+    for run in results:
+        gap = np.asarray(run.losses) - problem.min_loss
+        y = np.asarray(drawn(curves, run.rule).get_ydata())
+        np.testing.assert_array_equal(np.isnan(y), gap <= 0)
+        np.testing.assert_array_equal(y[gap > 0], gap[gap > 0])
+        at_minimum = [line for line in strip.get_lines() if line.get_gid() == run.rule]
+        steps = np.flatnonzero(gap <= 0)
+        if steps.size:
+            reached += 1
+            np.testing.assert_array_equal(at_minimum[0].get_xdata(), steps)
+        else:
+            assert at_minimum == []
+    assert reached == 3  # Momentum, Nesterov and AdaBelief roll through to the minimum
+    notes = [text.get_text() for text in figure.legends[0].get_texts()]
+    assert any("float64 spacing" in note for note in notes)
+
+
+def test_loss_plot_tells_every_rule_apart_where_curves_coincide():
+    # Descent, RMSProp, AdaGrad and Adam all stall at the quartic's saddle: one curve on the
+    # log scale.  Each rule has its own colour, line style and marker, and the markers of
+    # different rules fall on different steps, so that each stays visible.
+    pytest.importorskip("matplotlib")
+    problem, results = comparison("quartic")
+    axes = plots.loss_figure(problem, results).axes[0]
+    lines = [drawn(axes, run.rule) for run in results]
+    for attribute in ("get_color", "get_marker"):
+        assert len({str(getattr(line, attribute)()) for line in lines}) == 7, attribute
+    assert len({str(linestyle) for _, linestyle, _ in plots.RULE_STYLES}) == 7
+    marked = [frozenset(np.arange(len(line.get_xdata()))[line.get_markevery()]) for line in lines]
+    assert all(a.isdisjoint(b) for k, a in enumerate(marked) for b in marked[k + 1 :])
+
+
+@pytest.mark.parametrize("name", ["rosenbrock", "beale", "quartic"])
+def test_path_plot_gives_every_rule_a_panel_with_the_start_and_the_minimum(name):
+    pytest.importorskip("matplotlib")
+    problem, results = comparison(name, steps=None if name == "quartic" else 300)
+    figure = plots.paths_figure(problem, results)
+    panels = [axes for axes in figure.axes if axes.get_title()]
+    assert [axes.get_title().split("\n")[0] for axes in panels] == [run.rule for run in results]
+    for axes, run in zip(panels, results):
+        assert [
+            line.get_gid() for line in axes.get_lines() if line.get_gid() in {r.rule for r in results}
+        ] == [run.rule]
+        path = drawn(axes, run.rule)
+        np.testing.assert_array_equal(path.get_xdata(), run.path[:, 0])
+        (x0, x1), (y0, y1) = axes.get_xlim(), axes.get_ylim()
+        y = path.get_ydata()
+        assert x0 <= run.path[:, 0].min() and run.path[:, 0].max() <= x1  # nothing drawn off the panel
+        assert y0 <= np.min(y) and np.max(y) <= y1
+    legend = [
+        text.get_text() for axes in figure.axes if axes.get_legend() for text in axes.get_legend().get_texts()
+    ]
+    assert any(text.startswith("start") for text in legend) and any(
+        text.startswith("minimum") for text in legend
+    )
+
+
 @pytest.fixture
 def short_regression(monkeypatch):
     """The demo's first part with 50 steps per case instead of 5000 to 20000."""
     cases = tuple((label, factory, 50) for label, factory, _ in demo.REGRESSION_CASES)
-    monkeypatch.setattr(demo, "REGRESSION_CASES", cases)
+    monkeypatch.setattr(runs, "REGRESSION_CASES", cases)
 
 
 def test_without_matplotlib_the_demo_explains_how_to_get_plots(
@@ -345,18 +438,45 @@ def test_without_matplotlib_the_demo_explains_how_to_get_plots(
     assert not (tmp_path / "plots").exists()
 
 
-def test_progress_bar_goes_to_stderr(capsys, short_regression):
+class Terminal(io.StringIO):
+    """Standard error as a terminal: what is written to it stays readable."""
+
+    def isatty(self):
+        return True
+
+
+def test_progress_bar_goes_to_stderr_on_a_terminal(monkeypatch, capsys, short_regression):
+    pytest.importorskip("tqdm")
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    demo.main(["demo", "--steps", "20", "--no-plots"])
+    assert "comparison" in terminal.getvalue() and "linear regression" in terminal.getvalue()
+    assert "comparison" not in capsys.readouterr().out
+
+
+def test_no_progress_bar_when_stderr_is_not_a_terminal(capsys, short_regression):
+    # capsys's standard error is no terminal, like a log file or a pipe: a bar redrawn with
+    # carriage returns would only litter it.
     pytest.importorskip("tqdm")
     demo.main(["demo", "--steps", "20", "--no-plots"])
     captured = capsys.readouterr()
-    assert "comparison" in captured.err and "linear regression" in captured.err
-    assert "comparison" not in captured.out
+    assert captured.err == ""
+    assert "3. Rules side by side" in captured.out
 
 
-def test_progress_without_tqdm_is_silent(monkeypatch, capsys, short_regression):
+def test_quiet_turns_the_bar_off_on_a_terminal_too(monkeypatch, short_regression):
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    demo.main(["demo", "--steps", "5", "--no-plots", "--quiet"])
+    assert terminal.getvalue() == ""
+
+
+def test_progress_without_tqdm_is_silent(monkeypatch, short_regression):
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
     monkeypatch.setitem(sys.modules, "tqdm", None)
     demo.main(["demo", "--steps", "5", "--no-plots"])
-    assert capsys.readouterr().err == ""
+    assert terminal.getvalue() == ""
 
 
 def test_demo_help_lists_its_options(capsys):
@@ -444,7 +564,7 @@ def test_run_demo_refuses_bad_arguments_before_printing(tmp_path, capsys):
     blocker = tmp_path / "notes.txt"
     blocker.write_text("")
     bad = [dict(seed=-1), dict(steps=0), dict(seed=True), dict(steps=2.5)]
-    if demo._plots_possible():
+    if cli._plots_possible():
         bad.append(dict(plots=blocker / "plots"))
     for arguments in bad:
         with pytest.raises(ValueError, match=f"--{next(iter(arguments))}"):

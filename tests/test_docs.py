@@ -22,6 +22,7 @@ import io
 import pkgutil
 import re
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -169,8 +170,14 @@ def expected_prints(code: str) -> list[str] | None:
 
 
 def run_page(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> int:
-    """Run a page's ```python blocks; returns how many ran."""
+    """Run a page's ```python blocks in `tmp_path`; returns how many ran.
+
+    The blocks run there, and their temporary files go there, so that what
+    they write never lands in the repository or outlives the test.
+    """
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     namespace: dict[str, Any] = {"np": np, "co": co, "__name__": f"page_{page.stem}"}
     blocks = python_blocks(page.read_text(encoding="utf-8"))
     for number, (code, module_name) in enumerate(blocks, start=1):
@@ -212,6 +219,19 @@ def test_a_wrong_printed_value_on_a_page_is_caught(tmp_path, monkeypatch):
     monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
     with pytest.raises(AssertionError, match=r"the comment says '\[0 1 3\]'"):
         run_page(page, tmp_path, monkeypatch)
+
+
+def test_code_on_a_page_writes_only_in_the_test_directory(tmp_path, monkeypatch):
+    page = tmp_path / "page.md"
+    page.write_text(
+        "```python\nimport tempfile\nopen('relative.txt', 'w').close()\nfolder = tempfile.mkdtemp()\n```\n",
+        encoding="utf-8",
+    )
+    real_repo = REPO
+    monkeypatch.setattr(sys.modules[__name__], "REPO", tmp_path)
+    run_page(page, tmp_path, monkeypatch)
+    assert (tmp_path / "relative.txt").is_file() and not (real_repo / "relative.txt").exists()
+    assert [path for path in tmp_path.iterdir() if path.is_dir()]  # mkdtemp's folder
 
 
 def test_the_worked_rule_fits_in_20_lines():

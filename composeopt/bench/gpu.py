@@ -14,22 +14,21 @@ from __future__ import annotations
 
 import importlib.util
 import time
-from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
-from .chain import Optimiser
-from .engine import update_
-from .flat import flatten
-from .rules.adam import Adam
-from .rules.clip import ClipValue
-from .rules.decay import WeightDecay
+from ..chain import Optimiser
+from ..engine import update_
+from ..flat import flatten
+from ..rules.adam import Adam
+from ..rules.clip import ClipValue
+from ..rules.decay import WeightDecay
+from .peers import Make, Step
+from .sets import B1, B2, BYTES_PER_ELEMENT, CLIP, DECAY, EPS, LR, shapes
+from .timing import run
 
-__all__ = ["gpu_available", "implementations", "floor_step", "copy_bandwidth"]
-
-Step = Callable[[], None]
-Make = Callable[[str, list[tuple[int, ...]]], "Step | None"]
+__all__ = ["gpu_available", "implementations", "floor_step", "copy_bandwidth", "gpu_report"]
 
 
 def gpu_available() -> bool:
@@ -57,13 +56,11 @@ def _arrays(shapes: list[tuple[int, ...]], seed: int) -> list[Any]:
     return [cupy.asarray(rng.standard_normal(shape, dtype=np.float32)) for shape in shapes]
 
 
-def _composeopt(mode: str, settings: tuple[float, ...]) -> Make:
-    lr, clip, decay = settings
-
+def _composeopt(mode: str) -> Make:
     def make(name: str, shapes: list[tuple[int, ...]]) -> Step | None:
-        from . import _fused
+        from .. import _fused
 
-        opt = Optimiser(ClipValue(clip), WeightDecay(decay), Adam(lr)) if name == "chain" else Adam(lr)
+        opt = Optimiser(ClipValue(CLIP), WeightDecay(DECAY), Adam(LR)) if name == "chain" else Adam(LR)
         params, grads = _arrays(shapes, 0), _arrays(shapes, 1)
         if name == "many-flat":  # the arrays of "many", as views of one buffer: one launch
             flat = flatten(_arrays([(1000,)] * (shapes[0][0] // 1000), 0))
@@ -84,9 +81,7 @@ def _composeopt(mode: str, settings: tuple[float, ...]) -> Make:
     return make
 
 
-def _torch(variant: str, settings: tuple[float, ...], betas: tuple[float, float], eps: float) -> Make:
-    lr, clip, decay = settings
-
+def _torch(variant: str) -> Make:
     def make(name: str, shapes: list[tuple[int, ...]]) -> Step | None:
         import torch
 
@@ -98,12 +93,12 @@ def _torch(variant: str, settings: tuple[float, ...], betas: tuple[float, float]
         for p in params:
             p.grad = torch.randn_like(p)
         options = {"foreach": {"foreach": True}, "fused": {"fused": True}}[variant]
-        weight_decay = decay if name == "chain" else 0.0
-        opt = torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, **options)
+        weight_decay = DECAY if name == "chain" else 0.0
+        opt = torch.optim.Adam(params, lr=LR, betas=(B1, B2), eps=EPS, weight_decay=weight_decay, **options)
 
         def step() -> None:
             if name == "chain":
-                torch.nn.utils.clip_grad_value_(params, clip)
+                torch.nn.utils.clip_grad_value_(params, CLIP)
             opt.step()
             torch.cuda.synchronize()
 
@@ -112,18 +107,21 @@ def _torch(variant: str, settings: tuple[float, ...], betas: tuple[float, float]
     return make
 
 
-def implementations(settings: tuple[float, ...], betas: tuple[float, float], eps: float) -> dict[str, Make]:
-    """The GPU rows: composeopt's CuPy kernels and generic path, and torch on CUDA if it has it."""
+def implementations(only: set[str] | None = None) -> dict[str, Make]:
+    """The GPU rows: composeopt's CuPy kernels and generic path, and torch on CUDA if it has it;
+    those whose name holds a word of `only`, or all of them."""
     impls: dict[str, Make] = {
-        "composeopt fused (CuPy)": _composeopt("auto", settings),
-        "composeopt generic (CuPy)": _composeopt("off", settings),
+        "composeopt fused (CuPy)": _composeopt("auto"),
+        "composeopt generic (CuPy)": _composeopt("off"),
     }
     if importlib.util.find_spec("torch") is not None:
         import torch
 
         if torch.cuda.is_available():
             for variant in ("foreach", "fused"):
-                impls[f"torch.optim.Adam {variant} (CUDA)"] = _torch(variant, settings, betas, eps)
+                impls[f"torch.optim.Adam {variant} (CUDA)"] = _torch(variant)
+    if only:
+        impls = {name: make for name, make in impls.items() if any(word in name for word in only)}
     return impls
 
 
@@ -156,3 +154,18 @@ def copy_bandwidth(elements: int, reps: int) -> float:
         _synchronize()
         times.append(time.perf_counter() - start)
     return float(2 * source.nbytes / float(np.median(times)) / 1e9)
+
+
+def gpu_report(sets: list[str], only: set[str] | None, scale: float, reps: int) -> dict[str, Any]:
+    """The GPU sets, and each row's share of the device's copy bandwidth."""
+    import cupy
+
+    copy = copy_bandwidth(int(np.prod(shapes("big", scale)[0])), reps)
+    results, how = run(sets, implementations(only), floor_step, scale, reps)
+    for row in results:
+        row["of_copy_bandwidth"] = row["GB/s"] / copy
+    return {
+        "machine": {"device": cupy.cuda.runtime.getDeviceProperties(0)["name"].decode(), "threads": "GPU"},
+        "floor": {"bytes_per_element": BYTES_PER_ELEMENT, "measured_with": how, "copy_GB/s": copy},
+        "results": results,
+    }
