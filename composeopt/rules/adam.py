@@ -144,7 +144,7 @@ class Adam(Rule):
     eta = Hyper(0.001, nonnegative)
     beta = Hyper((0.9, 0.999), beta_pair)
     epsilon = Hyper(1e-8, nonnegative)
-    fused = Kernel(
+    _kernel = Kernel(
         _MOMENTS + f"return eta * ({_DIRECTION})", _moment_scalars, state=("mu", "nu"), counter="t"
     )
 
@@ -190,7 +190,7 @@ class RAdam(Rule):
     def init(self, x: Any) -> State:
         return _moments(x)
 
-    fused = Kernel(
+    _kernel = Kernel(
         _MOMENTS + f"return momentum_rate * mu if warmup else eta_r * ({_DIRECTION})",
         _radam_scalars,
         state=("mu", "nu"),
@@ -239,7 +239,7 @@ class AdaMax(Rule):
     def init(self, x: Any) -> State:
         return _moments(x)
 
-    fused = Kernel(
+    _kernel = Kernel(
         """
         mu = b1 * mu + keep1 * dx
         nu = maximum(b2 * nu, abs(dx))
@@ -293,7 +293,7 @@ class NAdam(Rule):
     def init(self, x: Any) -> State:
         return _moments(x)
 
-    fused = Kernel(
+    _kernel = Kernel(
         _MOMENTS + "return eta * (ahead * mu + now * dx) / (sqrt(root * nu) + eps)",
         _nadam_scalars,
         state=("mu", "nu"),
@@ -339,7 +339,7 @@ class AMSGrad(Rule):
     beta = Hyper((0.9, 0.999), beta_pair)
     epsilon = Hyper(1e-8, nonnegative)
 
-    fused = Kernel(
+    _kernel = Kernel(
         _MOMENTS + "nu_max = maximum(nu_max, nu)\nreturn eta * mu / (sqrt(nu_max) + eps)",
         _amsgrad_scalars,
         state=("mu", "nu", "nu_max"),
@@ -386,7 +386,7 @@ class OAdam(Rule):
     beta = Hyper((0.5, 0.9), beta_pair)
     epsilon = Hyper(1e-8, nonnegative)
 
-    fused = Kernel(
+    _kernel = Kernel(
         _MOMENTS
         + f"step = eta * ({_DIRECTION})\nchange = two * step - previous\nprevious = step\nreturn change",
         _oadam_scalars,
@@ -447,7 +447,7 @@ class AdamW(Rule):
     couple = Hyper(True, flag)
 
     @property
-    def fused(self) -> Kernel:
+    def _kernel(self) -> Kernel:
         return _ADAMW_COUPLED if self.couple else _ADAMW_DECOUPLED
 
     def init(self, x: Any) -> State:
@@ -488,7 +488,7 @@ class AdaBelief(Rule):
     eta = Hyper(0.001, nonnegative)
     beta = Hyper((0.9, 0.999), beta_pair)
     epsilon = Hyper(1e-16, nonnegative)
-    fused = Kernel(
+    _kernel = Kernel(
         f"""
         mu = b1 * mu + keep1 * dx
         surprise = dx - mu
@@ -548,7 +548,7 @@ class Yogi(Rule):
     beta = Hyper((0.9, 0.999), beta_pair)
     epsilon = Hyper(0.001, nonnegative)
     initial_accumulator = Hyper(1e-6, nonnegative)
-    fused = Kernel(
+    _kernel = Kernel(
         f"""
         mu = b1 * mu + keep1 * dx
         square = dx * dx
@@ -650,7 +650,7 @@ class Adan(Rule):
     beta = Hyper((0.98, 0.92, 0.99), beta_triple)
     epsilon = Hyper(1e-8, nonnegative)
     lambda_ = Hyper(0.0, nonnegative)
-    fused = Kernel(
+    _kernel = Kernel(
         """
         change = (dx - previous) * later
         mu = b1 * mu + keep1 * dx

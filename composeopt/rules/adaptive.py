@@ -81,7 +81,7 @@ class RMSProp(Rule):
     centred = Hyper(False, flag)
 
     @property
-    def fused(self) -> Kernel:
+    def _kernel(self) -> Kernel:
         return _RMSPROP_CENTRED if self.centred else _RMSPROP
 
     def init(self, x: Any) -> State:
@@ -125,7 +125,7 @@ class AdaGrad(Rule):
     fallible = False
     eta = Hyper(0.1, nonnegative)
     epsilon = Hyper(1e-8, nonnegative)
-    fused = Kernel("s = s + dx * dx\nreturn eta * dx / (sqrt(s) + eps)", _adagrad, state=("s",))
+    _kernel = Kernel("s = s + dx * dx\nreturn eta * dx / (sqrt(s) + eps)", _adagrad, state=("s",))
 
     def init(self, x: Any) -> State:
         return State(s=namespace(x).full_like(x, self.epsilon))
@@ -158,7 +158,7 @@ class AdaDelta(Rule):
     fallible = False
     rho = Hyper(0.9, unit_interval)
     epsilon = Hyper(1e-8, nonnegative)
-    fused = Kernel(
+    _kernel = Kernel(
         """
         s = rho * s + keep * (dx * dx)
         change = dx * sqrt(u + eps) / sqrt(s + eps)

@@ -46,7 +46,7 @@ class ClipValue(Rule):
 
     fallible = False
     thresh = Hyper(10.0, nonnegative)
-    fused = Kernel(
+    _kernel = Kernel(
         "return minimum(maximum(dx, low), high)",
         lambda rule, state, dtype: {"low": -rule.thresh, "high": rule.thresh},
     )
@@ -86,7 +86,7 @@ class ClipNorm(Rule):
     omega = Hyper(10.0, positive)
     p = Hyper(2, norm_order)
     throw = Hyper(True, flag)
-    fused = NormClip("array")  # when it cannot fail (throw=False)
+    _kernel = NormClip("array")  # when it cannot fail (throw=False)
 
     @property
     def fallible(self) -> bool:  # type: ignore[override]
@@ -133,7 +133,7 @@ class ClipGlobalNorm(Rule):
     fallible = False
     omega = Hyper(REQUIRED, positive)
     p = Hyper(2, norm_order)
-    fused = NormClip("tree")
+    _kernel = NormClip("tree")
 
     def apply_(self, state: Any, x: Any, dx: Any) -> Any:
         return self.apply_tree_([state], [x], [dx], ["params"])[0]

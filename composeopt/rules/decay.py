@@ -37,7 +37,7 @@ class WeightDecay(Rule):
 
     fallible = False
     lambda_ = Hyper(5e-4, nonnegative)
-    fused = Kernel("return dx + lam * x", lambda rule, state, dtype: {"lam": rule.lambda_})
+    _kernel = Kernel("return dx + lam * x", lambda rule, state, dtype: {"lam": rule.lambda_})
 
     def apply_(self, state: Any, x: Any, dx: Any) -> Any:
         return dx + self.lambda_ * x
@@ -88,7 +88,7 @@ class ExpDecay(Rule):
     decay_step = Hyper(1000, positive_int)
     clip = Hyper(1e-4, nonnegative)
     start = Hyper(0, nonnegative_int)
-    fused = Kernel("return eta * dx", lambda rule, state, dtype: {"eta": rule.eta})
+    _kernel = Kernel("return eta * dx", lambda rule, state, dtype: {"eta": rule.eta})
 
     def begin_step(self, step: int) -> None:
         if step > self.start and step % self.decay_step == 0:
@@ -122,7 +122,7 @@ class InvDecay(Rule):
     fallible = False
     gamma = Hyper(0.001, nonnegative)
     step = 1  # the optimiser step, set by the engine through begin_step
-    fused = Kernel(
+    _kernel = Kernel(
         "return dx / slowdown", lambda rule, state, dtype: {"slowdown": 1 + rule.gamma * rule.step}
     )
 

@@ -136,7 +136,7 @@ class Adafactor(Rule):
     factored = Hyper(True, flag)
     min_dim_size_to_factor = Hyper(128, nonnegative_int)
     decay_offset = Hyper(0, nonnegative_int)
-    fused = None
+    _kernel = None
 
     def init(self, x: Any) -> State:
         xp = namespace(x)
@@ -235,7 +235,7 @@ class SM3(Rule):
     eta = Hyper(0.1, nonnegative)
     momentum = Hyper(0.9, unit_interval)
     epsilon = Hyper(1e-8, nonnegative)
-    fused = None
+    _kernel = None
 
     def init(self, x: Any) -> State:
         xp = namespace(x)

@@ -105,7 +105,7 @@ class FTRL(Rule):
     l2 = Hyper(0.0, nonnegative)
 
     @property
-    def fused(self) -> Kernel | None:
+    def _kernel(self) -> Kernel | None:
         return _SQRT_KERNEL if self.lr_power == -0.5 else None
 
     def init(self, x: Any) -> State:

@@ -85,7 +85,7 @@ class Lamb(Rule):
     beta = Hyper((0.9, 0.999), beta_pair)
     epsilon = Hyper(1e-6, nonnegative)
     lambda_ = Hyper(0.0, nonnegative)
-    fused = None
+    _kernel = None
 
     def init(self, x: Any) -> State:
         xp = namespace(x)
@@ -149,7 +149,7 @@ class Lars(Rule):
     epsilon = Hyper(0.0, nonnegative)
     momentum = Hyper(0.9, unit_interval)
     nesterov = Hyper(False, flag)
-    fused = None
+    _kernel = None
 
     def init(self, x: Any) -> State:
         return State(v=namespace(x).zeros_like(x))
@@ -207,7 +207,7 @@ class Novograd(Rule):
     beta = Hyper((0.9, 0.25), beta_pair)
     epsilon = Hyper(1e-6, nonnegative)
     lambda_ = Hyper(0.0, nonnegative)
-    fused = None
+    _kernel = None
 
     def init(self, x: Any) -> State:
         xp = namespace(x)
@@ -260,7 +260,7 @@ class Fromage(Rule):
     fallible = False
     eta = Hyper(0.01, nonnegative)
     min_norm = Hyper(1e-6, nonnegative)
-    fused = None
+    _kernel = None
 
     def apply_(self, state: Any, x: Any, dx: Any) -> Any:
         shrink = 1 / math.sqrt(1 + self.eta**2)
@@ -299,7 +299,7 @@ class GradCentralization(Rule):
     """
 
     fallible = False
-    fused = None
+    _kernel = None
 
     def apply_(self, state: Any, x: Any, dx: Any) -> Any:
         if dx.ndim < 2 or math.prod(dx.shape) == 0:  # the mean of an empty array is NaN

@@ -92,7 +92,7 @@ class LBFGS(Rule):
     """
 
     fallible = False
-    fused = None  # dot products over the whole tree: no elementwise fast path
+    _kernel = None  # dot products over the whole tree: no elementwise fast path
     eta = Hyper(1.0, nonnegative)
     memory = Hyper(10, positive_int)
     epsilon = Hyper(1e-10, nonnegative)

@@ -112,7 +112,7 @@ class Muon(Rule):
     """
 
     fallible = False  # its own arithmetic cannot fail; the engine asks `fallback` itself
-    fused = None  # a norm and matrix products per array: no elementwise fast path
+    _kernel = None  # a norm and matrix products per array: no elementwise fast path
     eta = Hyper(0.02, nonnegative)
     rho = Hyper(0.95, unit_interval)
     nesterov = Hyper(True, flag)

@@ -70,7 +70,7 @@ class MixedPrecision(Wrapper):
 
     dtype = Hyper("float32", _master_dtype)
     assigns = True
-    fused = None  # the master copy is a second parameter: the generic path
+    _kernel = None  # the master copy is a second parameter: the generic path
 
     def _widens(self, x: Any) -> bool:
         size = getattr(x.dtype, "itemsize", None)  # NumPy's finfo does not know ml_dtypes' bfloat16

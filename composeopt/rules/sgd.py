@@ -48,7 +48,7 @@ class Descent(Rule):
 
     fallible = False
     eta = Hyper(0.1, nonnegative)
-    fused = Kernel("return eta * dx", _eta)
+    _kernel = Kernel("return eta * dx", _eta)
 
     def apply_(self, state: Any, x: Any, dx: Any) -> Any:
         return self.eta * dx
@@ -83,7 +83,7 @@ class Momentum(Rule):
     fallible = False
     eta = Hyper(0.01, nonnegative)
     rho = Hyper(0.9, unit_interval)
-    fused = Kernel("v = rho * v + eta * dx\nreturn v", _eta_rho, state=("v",))
+    _kernel = Kernel("v = rho * v + eta * dx\nreturn v", _eta_rho, state=("v",))
 
     def init(self, x: Any) -> State:
         return State(v=namespace(x).zeros_like(x))
@@ -117,7 +117,7 @@ class Nesterov(Rule):
     fallible = False
     eta = Hyper(0.001, nonnegative)
     rho = Hyper(0.9, unit_interval)
-    fused = Kernel(
+    _kernel = Kernel(
         """
         change = lead * dx - rho2 * v
         v = rho * v - eta * dx

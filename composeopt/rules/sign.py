@@ -96,7 +96,7 @@ class Rprop(Rule):
     gamma = Hyper((1e-6, 50.0), step_bounds)
     # `turn` is -1, 0 or 1, so `held` and `flipped` are 0 or 1 and the factor is exactly
     # `up`, `down` or `one`: the same products as torch's.
-    fused = Kernel(
+    _kernel = Kernel(
         """
         turn = sign(dx * previous)
         held = maximum(turn, zero)
@@ -168,7 +168,7 @@ class Lion(Rule):
     fallible = False
     eta = Hyper(0.0001, nonnegative)
     beta = Hyper((0.9, 0.99), beta_pair)
-    fused = Kernel(
+    _kernel = Kernel(
         """
         direction = sign(b1 * mu + keep1 * dx)
         mu = b2 * mu + keep2 * dx
@@ -214,7 +214,7 @@ class SignDecay(Rule):
 
     fallible = False
     lambda_ = Hyper(0.001, nonnegative)
-    fused = Kernel("return dx + lam * sign(x)", lambda rule, state, dtype: {"lam": rule.lambda_})
+    _kernel = Kernel("return dx + lam * sign(x)", lambda rule, state, dtype: {"lam": rule.lambda_})
 
     def apply_(self, state: Any, x: Any, dx: Any) -> Any:
         return dx + self.lambda_ * namespace(x).sign(x)

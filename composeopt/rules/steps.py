@@ -52,7 +52,7 @@ class AccumGrad(Rule):
 
     fallible = False
     n = Hyper(1, positive_int)
-    fused = None  # it decides per call whether a step happens: the generic path
+    _kernel = None  # it decides per call whether a step happens: the generic path
 
     def init(self, x: Any) -> State:
         return State(acc=namespace(x).zeros_like(x), count=0)
@@ -110,7 +110,7 @@ class SkipNonFinite(Wrapper):
     """
 
     max_consecutive = Hyper(None, _max_consecutive)
-    fused = None  # one host read decides the whole step: the generic path
+    _kernel = None  # one host read decides the whole step: the generic path
 
     @property
     def fallible(self) -> bool:  # type: ignore[override]

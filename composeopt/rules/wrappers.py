@@ -135,7 +135,7 @@ class Lookahead(Wrapper):
     """
 
     assigns = True
-    fused = None  # it sets parameters to its slow weights: the generic path only
+    _kernel = None  # it sets parameters to its slow weights: the generic path only
     k = Hyper(5, positive_int)
     alpha = Hyper(0.5, decay_factor)
 
