@@ -16,7 +16,19 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .errors import ComposeoptError, UnknownHyperparameterError
-from .hyper import REQUIRED, Hyper, follow_schedules, settings
+from .hyper import REQUIRED, Hyper, HyperTuple, follow_schedules, settings
+
+if TYPE_CHECKING:
+    # Type checkers know typing_extensions without it being installed, and Python 3.10's
+    # typing has no dataclass_transform.
+    from typing_extensions import dataclass_transform
+else:
+
+    def dataclass_transform(**_: Any) -> Callable[[type], type]:
+        # At run time Rule.__init_subclass__ does what the decorator describes; the standard
+        # one would only add a `__dataclass_transform__` attribute for help() to show.
+        return lambda cls: cls
+
 
 __all__ = ["Rule", "State", "Replace", "walk_rules", "start_step", "keep_hyperparameters"]
 
@@ -68,6 +80,7 @@ class Replace:
         return f"Replace({self.value!r})"
 
 
+@dataclass_transform(field_specifiers=(Hyper, HyperTuple))
 class Rule:
     """Base class of every optimisation rule.
 
@@ -87,6 +100,11 @@ class Rule:
     or by name; `repr` and `==` are derived from them.  See
     [Writing your own rule](../writing-rules.md) for a worked example.
 
+    Type checkers read a subclass as a dataclass whose fields are its
+    annotated hyperparameters (`scale: Hyper[float] = Hyper(default=0.5)`),
+    so they check the constructor's arguments: `Adam(lr=1e-3)` and
+    `Adam("fast")` are errors before the program runs.
+
     Once constructed, a rule refuses new public attributes, so that a typo
     such as `opt.lr = 0.1` raises
     [UnknownHyperparameterError][composeopt.errors.UnknownHyperparameterError]
@@ -101,7 +119,7 @@ class Rule:
         >>> import numpy as np, composeopt as co
         >>> from composeopt.hyper import nonnegative
         >>> class Halve(co.Rule):
-        ...     scale = co.Hyper(0.5, nonnegative)
+        ...     scale: co.Hyper[float] = co.Hyper(default=0.5, check=nonnegative)
         ...     def apply_(self, state, x, dx):
         ...         return self.scale * dx
         >>> x = np.array([4.0])
@@ -172,14 +190,19 @@ class Rule:
                 values[name] = default
             setattr(self, name, values[name])
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        own = vars(self)
-        if name.startswith("_") or name in own or _CONSTRUCTING in own or _class_defines(type(self), name):
-            object.__setattr__(self, name, value)
-        else:
-            raise UnknownHyperparameterError(_no_such_attribute(self, name))
-
     if not TYPE_CHECKING:  # hidden from type checkers, which would then accept any attribute
+
+        def __setattr__(self, name: str, value: Any) -> None:
+            own = vars(self)
+            if (
+                name.startswith("_")
+                or name in own
+                or _CONSTRUCTING in own
+                or _class_defines(type(self), name)
+            ):
+                object.__setattr__(self, name, value)
+            else:
+                raise UnknownHyperparameterError(_no_such_attribute(self, name))
 
         def __getattr__(self, name: str) -> Any:
             # Only reached when the normal lookup fails.  Names the class knows (a

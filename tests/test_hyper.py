@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import numpy as np
@@ -302,3 +303,24 @@ def test_adjust_copies_and_checkpoints_still_set_hyperparameters(tmp_path):
     clone[1].eta = 0.5
     with pytest.raises(AttributeError):
         clone[1].lr = 0.5
+
+
+def test_fields_declared_for_type_checkers_behave_as_before():
+    class Annotated(co.Rule):
+        scale: co.Hyper[float] = co.Hyper(check=co.hyper.nonnegative)
+        beta: co.hyper.HyperTuple[tuple[float, float]] = co.hyper.HyperTuple(
+            default=(0.9, 0.99), check=co.hyper.beta_pair
+        )
+
+    class Plain(co.Rule):
+        scale = co.Hyper(co.hyper.REQUIRED, co.hyper.nonnegative)
+        beta = co.Hyper((0.9, 0.99), co.hyper.beta_pair)
+
+    for cls in (Annotated, Plain):
+        assert str(inspect.signature(cls)) == "(scale, beta=(0.9, 0.99))"
+        rule = cls(2.0, beta=(co.Linear(0.5, 0.9, 10), 0.99))
+        assert rule.hyperparameters() == {"scale": 2.0, "beta": (0.5, 0.99)}
+        with pytest.raises(TypeError, match="missing required argument 'scale'"):
+            cls()
+        with pytest.raises(HyperparameterError, match="scale: must be in"):
+            cls(-1.0)

@@ -8,7 +8,7 @@ from typing import Any
 from .._dispatch import copy, eps_for, namespace
 from .._fused.kernel import Kernel
 from ..errors import HyperparameterError
-from ..hyper import Hyper, beta_pair, flag, nonnegative, unit_interval
+from ..hyper import Hyper, HyperTuple, beta_pair, flag, nonnegative, unit_interval
 from ..rule import Rule, State
 from ._math import DIRECTION, bias_corrected_direction, direction_scalars, ema
 
@@ -141,9 +141,9 @@ class Adam(Rule):
     """
 
     fallible = False
-    eta = Hyper(0.001, nonnegative)
-    beta = Hyper((0.9, 0.999), beta_pair)
-    epsilon = Hyper(1e-8, nonnegative)
+    eta: Hyper[float] = Hyper(default=0.001, check=nonnegative)
+    beta: HyperTuple[tuple[float, float]] = HyperTuple(default=(0.9, 0.999), check=beta_pair)
+    epsilon: Hyper[float] = Hyper(default=1e-8, check=nonnegative)
     _kernel = Kernel(
         _MOMENTS + f"return eta * ({_DIRECTION})", _moment_scalars, state=("mu", "nu"), counter="t"
     )
@@ -183,9 +183,9 @@ class RAdam(Rule):
     """
 
     fallible = False
-    eta = Hyper(0.001, nonnegative)
-    beta = Hyper((0.9, 0.999), beta_pair)
-    epsilon = Hyper(1e-8, nonnegative)
+    eta: Hyper[float] = Hyper(default=0.001, check=nonnegative)
+    beta: HyperTuple[tuple[float, float]] = HyperTuple(default=(0.9, 0.999), check=beta_pair)
+    epsilon: Hyper[float] = Hyper(default=1e-8, check=nonnegative)
 
     def init(self, x: Any) -> State:
         return _moments(x)
@@ -232,9 +232,9 @@ class AdaMax(Rule):
     """
 
     fallible = False
-    eta = Hyper(0.001, nonnegative)
-    beta = Hyper((0.9, 0.999), beta_pair)
-    epsilon = Hyper(1e-8, nonnegative)
+    eta: Hyper[float] = Hyper(default=0.001, check=nonnegative)
+    beta: HyperTuple[tuple[float, float]] = HyperTuple(default=(0.9, 0.999), check=beta_pair)
+    epsilon: Hyper[float] = Hyper(default=1e-8, check=nonnegative)
 
     def init(self, x: Any) -> State:
         return _moments(x)
@@ -286,9 +286,9 @@ class NAdam(Rule):
     """
 
     fallible = False
-    eta = Hyper(0.001, nonnegative)
-    beta = Hyper((0.9, 0.999), beta_pair)
-    epsilon = Hyper(1e-8, nonnegative)
+    eta: Hyper[float] = Hyper(default=0.001, check=nonnegative)
+    beta: HyperTuple[tuple[float, float]] = HyperTuple(default=(0.9, 0.999), check=beta_pair)
+    epsilon: Hyper[float] = Hyper(default=1e-8, check=nonnegative)
 
     def init(self, x: Any) -> State:
         return _moments(x)
@@ -335,9 +335,9 @@ class AMSGrad(Rule):
     """
 
     fallible = False
-    eta = Hyper(0.001, nonnegative)
-    beta = Hyper((0.9, 0.999), beta_pair)
-    epsilon = Hyper(1e-8, nonnegative)
+    eta: Hyper[float] = Hyper(default=0.001, check=nonnegative)
+    beta: HyperTuple[tuple[float, float]] = HyperTuple(default=(0.9, 0.999), check=beta_pair)
+    epsilon: Hyper[float] = Hyper(default=1e-8, check=nonnegative)
 
     _kernel = Kernel(
         _MOMENTS + "nu_max = maximum(nu_max, nu)\nreturn eta * mu / (sqrt(nu_max) + eps)",
@@ -382,9 +382,9 @@ class OAdam(Rule):
     """
 
     fallible = False
-    eta = Hyper(0.001, nonnegative)
-    beta = Hyper((0.5, 0.9), beta_pair)
-    epsilon = Hyper(1e-8, nonnegative)
+    eta: Hyper[float] = Hyper(default=0.001, check=nonnegative)
+    beta: HyperTuple[tuple[float, float]] = HyperTuple(default=(0.5, 0.9), check=beta_pair)
+    epsilon: Hyper[float] = Hyper(default=1e-8, check=nonnegative)
 
     _kernel = Kernel(
         _MOMENTS
@@ -440,11 +440,11 @@ class AdamW(Rule):
     """
 
     fallible = False
-    eta = Hyper(0.001, nonnegative)
-    beta = Hyper((0.9, 0.999), beta_pair)
-    lambda_ = Hyper(0.0, nonnegative)
-    epsilon = Hyper(1e-8, nonnegative)
-    couple = Hyper(True, flag)
+    eta: Hyper[float] = Hyper(default=0.001, check=nonnegative)
+    beta: HyperTuple[tuple[float, float]] = HyperTuple(default=(0.9, 0.999), check=beta_pair)
+    lambda_: Hyper[float] = Hyper(default=0.0, check=nonnegative)
+    epsilon: Hyper[float] = Hyper(default=1e-8, check=nonnegative)
+    couple: Hyper[bool] = Hyper(default=True, check=flag)
 
     @property
     def _kernel(self) -> Kernel:
@@ -485,9 +485,9 @@ class AdaBelief(Rule):
     """
 
     fallible = False
-    eta = Hyper(0.001, nonnegative)
-    beta = Hyper((0.9, 0.999), beta_pair)
-    epsilon = Hyper(1e-16, nonnegative)
+    eta: Hyper[float] = Hyper(default=0.001, check=nonnegative)
+    beta: HyperTuple[tuple[float, float]] = HyperTuple(default=(0.9, 0.999), check=beta_pair)
+    epsilon: Hyper[float] = Hyper(default=1e-16, check=nonnegative)
     _kernel = Kernel(
         f"""
         mu = b1 * mu + keep1 * dx
@@ -544,10 +544,10 @@ class Yogi(Rule):
     """
 
     fallible = False
-    eta = Hyper(0.01, nonnegative)
-    beta = Hyper((0.9, 0.999), beta_pair)
-    epsilon = Hyper(0.001, nonnegative)
-    initial_accumulator = Hyper(1e-6, nonnegative)
+    eta: Hyper[float] = Hyper(default=0.01, check=nonnegative)
+    beta: HyperTuple[tuple[float, float]] = HyperTuple(default=(0.9, 0.999), check=beta_pair)
+    epsilon: Hyper[float] = Hyper(default=0.001, check=nonnegative)
+    initial_accumulator: Hyper[float] = Hyper(default=1e-6, check=nonnegative)
     _kernel = Kernel(
         f"""
         mu = b1 * mu + keep1 * dx
@@ -646,10 +646,10 @@ class Adan(Rule):
     """
 
     fallible = False
-    eta = Hyper(0.001, nonnegative)
-    beta = Hyper((0.98, 0.92, 0.99), beta_triple)
-    epsilon = Hyper(1e-8, nonnegative)
-    lambda_ = Hyper(0.0, nonnegative)
+    eta: Hyper[float] = Hyper(default=0.001, check=nonnegative)
+    beta: HyperTuple[tuple[float, float, float]] = HyperTuple(default=(0.98, 0.92, 0.99), check=beta_triple)
+    epsilon: Hyper[float] = Hyper(default=1e-8, check=nonnegative)
+    lambda_: Hyper[float] = Hyper(default=0.0, check=nonnegative)
     _kernel = Kernel(
         """
         change = (dx - previous) * later

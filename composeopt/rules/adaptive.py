@@ -75,10 +75,10 @@ class RMSProp(Rule):
     """
 
     fallible = False
-    eta = Hyper(0.001, nonnegative)
-    rho = Hyper(0.9, unit_interval)
-    epsilon = Hyper(1e-8, nonnegative)
-    centred = Hyper(False, flag)
+    eta: Hyper[float] = Hyper(default=0.001, check=nonnegative)
+    rho: Hyper[float] = Hyper(default=0.9, check=unit_interval)
+    epsilon: Hyper[float] = Hyper(default=1e-8, check=nonnegative)
+    centred: Hyper[bool] = Hyper(default=False, check=flag)
 
     @property
     def _kernel(self) -> Kernel:
@@ -123,8 +123,8 @@ class AdaGrad(Rule):
     """
 
     fallible = False
-    eta = Hyper(0.1, nonnegative)
-    epsilon = Hyper(1e-8, nonnegative)
+    eta: Hyper[float] = Hyper(default=0.1, check=nonnegative)
+    epsilon: Hyper[float] = Hyper(default=1e-8, check=nonnegative)
     _kernel = Kernel("s = s + dx * dx\nreturn eta * dx / (sqrt(s) + eps)", _adagrad, state=("s",))
 
     def init(self, x: Any) -> State:
@@ -156,8 +156,8 @@ class AdaDelta(Rule):
     """
 
     fallible = False
-    rho = Hyper(0.9, unit_interval)
-    epsilon = Hyper(1e-8, nonnegative)
+    rho: Hyper[float] = Hyper(default=0.9, check=unit_interval)
+    epsilon: Hyper[float] = Hyper(default=1e-8, check=nonnegative)
     _kernel = Kernel(
         """
         s = rho * s + keep * (dx * dx)

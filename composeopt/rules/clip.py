@@ -11,7 +11,7 @@ from array_api_compat import device
 from .._dispatch import namespace
 from .._fused.kernel import Kernel, NormClip
 from ..errors import NonFiniteError, UnsupportedArrayError
-from ..hyper import REQUIRED, Hyper, flag, nonnegative, norm_order, positive
+from ..hyper import Hyper, flag, nonnegative, norm_order, positive
 from ..rule import Rule
 from ._math import clamp, norm_from_power, norm_power
 
@@ -45,7 +45,7 @@ class ClipValue(Rule):
     """
 
     fallible = False
-    thresh = Hyper(10.0, nonnegative)
+    thresh: Hyper[float] = Hyper(default=10.0, check=nonnegative)
     _kernel = Kernel(
         "return minimum(maximum(dx, low), high)",
         lambda rule, state, dtype: {"low": -rule.thresh, "high": rule.thresh},
@@ -83,9 +83,9 @@ class ClipNorm(Rule):
         [-0.6 -0.8]
     """
 
-    omega = Hyper(10.0, positive)
-    p = Hyper(2, norm_order)
-    throw = Hyper(True, flag)
+    omega: Hyper[float] = Hyper(default=10.0, check=positive)
+    p: Hyper[float] = Hyper(default=2, check=norm_order)
+    throw: Hyper[bool] = Hyper(default=True, check=flag)
     _kernel = NormClip("array")  # when it cannot fail (throw=False)
 
     @property
@@ -131,8 +131,8 @@ class ClipGlobalNorm(Rule):
     """
 
     fallible = False
-    omega = Hyper(REQUIRED, positive)
-    p = Hyper(2, norm_order)
+    omega: Hyper[float] = Hyper(check=positive)
+    p: Hyper[float] = Hyper(default=2, check=norm_order)
     _kernel = NormClip("tree")
 
     def apply_(self, state: Any, x: Any, dx: Any) -> Any:

@@ -15,7 +15,7 @@ from typing import Any
 from array_api_compat import device
 
 from .._dispatch import copy, eps_for, namespace
-from ..hyper import Hyper, beta_pair, flag, nonnegative, unit_interval
+from ..hyper import Hyper, HyperTuple, beta_pair, flag, nonnegative, unit_interval
 from ..rule import Rule, State
 from ._math import bias_corrected_direction, ema, norm_from_power, norm_power, widened
 
@@ -81,10 +81,10 @@ class Lamb(Rule):
     """
 
     fallible = False
-    eta = Hyper(0.001, nonnegative)
-    beta = Hyper((0.9, 0.999), beta_pair)
-    epsilon = Hyper(1e-6, nonnegative)
-    lambda_ = Hyper(0.0, nonnegative)
+    eta: Hyper[float] = Hyper(default=0.001, check=nonnegative)
+    beta: HyperTuple[tuple[float, float]] = HyperTuple(default=(0.9, 0.999), check=beta_pair)
+    epsilon: Hyper[float] = Hyper(default=1e-6, check=nonnegative)
+    lambda_: Hyper[float] = Hyper(default=0.0, check=nonnegative)
     _kernel = None
 
     def init(self, x: Any) -> State:
@@ -143,12 +143,12 @@ class Lars(Rule):
     """
 
     fallible = False
-    eta = Hyper(1.0, nonnegative)
-    lambda_ = Hyper(0.0, nonnegative)
-    trust_coefficient = Hyper(0.001, nonnegative)
-    epsilon = Hyper(0.0, nonnegative)
-    momentum = Hyper(0.9, unit_interval)
-    nesterov = Hyper(False, flag)
+    eta: Hyper[float] = Hyper(default=1.0, check=nonnegative)
+    lambda_: Hyper[float] = Hyper(default=0.0, check=nonnegative)
+    trust_coefficient: Hyper[float] = Hyper(default=0.001, check=nonnegative)
+    epsilon: Hyper[float] = Hyper(default=0.0, check=nonnegative)
+    momentum: Hyper[float] = Hyper(default=0.9, check=unit_interval)
+    nesterov: Hyper[bool] = Hyper(default=False, check=flag)
     _kernel = None
 
     def init(self, x: Any) -> State:
@@ -203,10 +203,10 @@ class Novograd(Rule):
     """
 
     fallible = False
-    eta = Hyper(0.001, nonnegative)
-    beta = Hyper((0.9, 0.25), beta_pair)
-    epsilon = Hyper(1e-6, nonnegative)
-    lambda_ = Hyper(0.0, nonnegative)
+    eta: Hyper[float] = Hyper(default=0.001, check=nonnegative)
+    beta: HyperTuple[tuple[float, float]] = HyperTuple(default=(0.9, 0.25), check=beta_pair)
+    epsilon: Hyper[float] = Hyper(default=1e-6, check=nonnegative)
+    lambda_: Hyper[float] = Hyper(default=0.0, check=nonnegative)
     _kernel = None
 
     def init(self, x: Any) -> State:
@@ -258,8 +258,8 @@ class Fromage(Rule):
     """
 
     fallible = False
-    eta = Hyper(0.01, nonnegative)
-    min_norm = Hyper(1e-6, nonnegative)
+    eta: Hyper[float] = Hyper(default=0.01, check=nonnegative)
+    min_norm: Hyper[float] = Hyper(default=1e-6, check=nonnegative)
     _kernel = None
 
     def apply_(self, state: Any, x: Any, dx: Any) -> Any:

@@ -68,7 +68,7 @@ class MixedPrecision(Wrapper):
         [1.] [0.999]
     """
 
-    dtype = Hyper("float32", _master_dtype)
+    dtype: Hyper[str] = Hyper(default="float32", check=_master_dtype)
     assigns = True
     _kernel = None  # the master copy is a second parameter: the generic path
 

@@ -47,7 +47,7 @@ class Descent(Rule):
     """
 
     fallible = False
-    eta = Hyper(0.1, nonnegative)
+    eta: Hyper[float] = Hyper(default=0.1, check=nonnegative)
     _kernel = Kernel("return eta * dx", _eta)
 
     def apply_(self, state: Any, x: Any, dx: Any) -> Any:
@@ -81,8 +81,8 @@ class Momentum(Rule):
     """
 
     fallible = False
-    eta = Hyper(0.01, nonnegative)
-    rho = Hyper(0.9, unit_interval)
+    eta: Hyper[float] = Hyper(default=0.01, check=nonnegative)
+    rho: Hyper[float] = Hyper(default=0.9, check=unit_interval)
     _kernel = Kernel("v = rho * v + eta * dx\nreturn v", _eta_rho, state=("v",))
 
     def init(self, x: Any) -> State:
@@ -115,8 +115,8 @@ class Nesterov(Rule):
     """
 
     fallible = False
-    eta = Hyper(0.001, nonnegative)
-    rho = Hyper(0.9, unit_interval)
+    eta: Hyper[float] = Hyper(default=0.001, check=nonnegative)
+    rho: Hyper[float] = Hyper(default=0.9, check=unit_interval)
     _kernel = Kernel(
         """
         change = lead * dx - rho2 * v

@@ -51,7 +51,7 @@ class AccumGrad(Rule):
     """
 
     fallible = False
-    n = Hyper(1, positive_int)
+    n: Hyper[int] = Hyper(default=1, check=positive_int)
     _kernel = None  # it decides per call whether a step happens: the generic path
 
     def init(self, x: Any) -> State:
@@ -109,7 +109,7 @@ class SkipNonFinite(Wrapper):
         [0.5 0.5]
     """
 
-    max_consecutive = Hyper(None, _max_consecutive)
+    max_consecutive: Hyper[int | None] = Hyper(default=None, check=_max_consecutive)
     _kernel = None  # one host read decides the whole step: the generic path
 
     @property
