@@ -79,6 +79,8 @@ class Hyper(Generic[T]):
             argument the constructor must be given.
         check: function that returns the normalised value or raises
             [HyperparameterError][composeopt.errors.HyperparameterError].
+        doc: one line for `help()`; by default the field's entry under
+            `Args:` in the rule's docstring.
 
     `Hyper[T]` is the type of a field whose value is a `T`: reading
     `rule.eta` gives a `T`, and the constructor and assignments take a
@@ -100,13 +102,20 @@ class Hyper(Generic[T]):
         composeopt.errors.HyperparameterError: Smooth.rho: must be in [0, 1), got 1.5
     """
 
-    def __init__(self, default: T = REQUIRED, check: Callable[[Any], T] | None = None) -> None:
+    def __init__(
+        self, default: T = REQUIRED, check: Callable[[Any], T] | None = None, doc: str | None = None
+    ) -> None:
         self.default = default
         self.check = check
         self.name = ""
+        self.__doc__ = doc  # what help() shows under the field's name
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
+
+    def __repr__(self) -> str:
+        check = getattr(self.check, "__name__", self.check)
+        return f"{type(self).__name__}(default={self.default!r}, check={check})"
 
     @overload
     def __get__(self: H, obj: None, objtype: type | None = None) -> H: ...

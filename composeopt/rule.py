@@ -11,6 +11,7 @@ import difflib
 import functools
 import inspect
 import math
+import re
 from collections.abc import Callable, Iterator, Sequence
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -103,7 +104,8 @@ class Rule:
     Type checkers read a subclass as a dataclass whose fields are its
     annotated hyperparameters (`scale: Hyper[float] = Hyper(default=0.5)`),
     so they check the constructor's arguments: `Adam(lr=1e-3)` and
-    `Adam("fast")` are errors before the program runs.
+    `Adam("fast")` are errors before the program runs.  `help()` lists each
+    hyperparameter with its entry under `Args:` in the class docstring.
 
     Once constructed, a rule refuses new public attributes, so that a typo
     such as `opt.lr = 0.1` raises
@@ -150,6 +152,10 @@ class Rule:
                 if isinstance(value, Hyper) and name not in names:
                     names.append(name)
         cls._hyper_names = tuple(names)
+        described = _arguments(cls.__doc__)
+        for name, value in vars(cls).items():
+            if isinstance(value, Hyper) and value.__doc__ is None and name in described:
+                value.__doc__ = described[name]
         if cls.__init__ is Rule.__init__:
             # help(), IDEs and inspect.signature show `Adam(eta=0.001, beta=(0.9, 0.999), ...)`.
             cls.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
@@ -299,6 +305,35 @@ def _class_defines(cls: type, name: str) -> bool:
 
     Unlike `hasattr(cls, name)` this leaves out the metaclass's attributes (`mro`)."""
     return any(name in vars(klass) for klass in cls.__mro__)
+
+
+_ENTRY = re.compile(r"(\*{0,2}\w+)(?: \(.*\))?:(?: (.*))?$")
+
+
+def _arguments(doc: str | None) -> dict[str, str]:
+    """The entries of a docstring's `Args:` section, `{name: text}`, each text on one line."""
+    lines = inspect.cleandoc(doc or "").splitlines()
+    start = next((i for i, line in enumerate(lines) if line.strip() == "Args:"), None)
+    if start is None:
+        return {}
+    section_indent = len(lines[start]) - len(lines[start].lstrip())
+    entries: dict[str, list[str]] = {}
+    entry_indent = None
+    name = None
+    for line in lines[start + 1 :]:
+        if not line.strip():
+            continue
+        indent = len(line) - len(line.lstrip())
+        if indent <= section_indent:
+            break
+        entry_indent = indent if entry_indent is None else entry_indent
+        match = _ENTRY.match(line.strip()) if indent == entry_indent else None
+        if match is not None:
+            name = match.group(1)
+            entries[name] = [match.group(2) or ""]
+        elif name is not None:
+            entries[name].append(line.strip())
+    return {name: " ".join(part for part in parts if part) for name, parts in entries.items()}
 
 
 _CONSTRUCTING = "_composeopt_constructing"
