@@ -25,7 +25,9 @@ class Optimiser(Rule):
     A parameter for which a rule returns `None` (e.g. [AccumGrad][composeopt.AccumGrad]
     between its updates) leaves the chain there: later rules do not see it and
     it is not changed this step.
-    Indexing and iteration reach the inner rules: `opt[2].eta = 1e-4`.
+    Indexing and iteration reach the inner rules: `opt[2].eta = 1e-4`.  For
+    type checkers they are `Any`, since which rule sits where is known only at
+    run time; `opt.rules` is the same rules typed as `tuple[Rule, ...]`.
 
     Args:
         *rules: the rules, applied in order.
@@ -112,13 +114,14 @@ class Optimiser(Rule):
     def children(self) -> tuple[Rule, ...]:
         return self.rules
 
-    def __getitem__(self, index: int) -> Rule:
+    # Any, not Rule: a checker would refuse `opt[1].eta`, as Rule declares no hyperparameters.
+    def __getitem__(self, index: int) -> Any:
         return self.rules[index]
 
     def __len__(self) -> int:
         return len(self.rules)
 
-    def __iter__(self) -> Iterator[Rule]:
+    def __iter__(self) -> Iterator[Any]:
         return iter(self.rules)
 
     def __repr__(self) -> str:

@@ -4,12 +4,15 @@ A rule declares each hyperparameter once, as a class attribute:
 
 ```python
 class Momentum(Rule):
-    eta = Hyper(0.01, nonnegative)
-    rho = Hyper(0.9, unit_interval)
+    eta: Hyper[float] = Hyper(default=0.01, check=nonnegative)
+    rho: Hyper[float] = Hyper(default=0.9, check=unit_interval)
 ```
 
 The declaration order is the constructor's positional order, the names are its
-keywords, and `repr` and `==` are derived from them.  Assigning
+keywords, and `repr` and `==` are derived from them.  The annotations are for
+type checkers, which then check the constructor's arguments as those of a
+dataclass (see [Rule][composeopt.Rule]); `eta = Hyper(0.01, nonnegative)`
+works the same at run time.  Assigning
 `opt.eta = -1` later raises just as `Momentum(-1)` does, and assigning a
 name that is not declared (`opt.lr = 0.1`) raises
 [UnknownHyperparameterError][composeopt.errors.UnknownHyperparameterError]
@@ -28,13 +31,15 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Generic, TypeAlias, TypeVar, overload
 
 from .errors import HyperparameterError
 
 __all__ = [
     "REQUIRED",
     "Hyper",
+    "HyperTuple",
+    "Scheduled",
     "is_scheduled",
     "follow_schedules",
     "settings",
@@ -49,7 +54,11 @@ __all__ = [
     "norm_order",
 ]
 
-Check = Callable[[Any], Any]
+T = TypeVar("T")
+H = TypeVar("H", bound="Hyper[Any]")
+
+Scheduled: TypeAlias = T | Callable[[int], T]
+"""What a hyperparameter of type `T` may be given: a value, or a schedule `step -> value`."""
 
 
 class _Required:
@@ -61,20 +70,29 @@ REQUIRED: Any = _Required()
 """Default of a hyperparameter that the constructor must be given."""
 
 
-class Hyper:
+class Hyper(Generic[T]):
     """A validated hyperparameter field of a [Rule][composeopt.Rule].
 
     Args:
-        default: value used when the constructor is not given one
-            ([REQUIRED][composeopt.hyper.REQUIRED] for none).
+        default: value used when the constructor is not given one; leave it
+            out (or give [REQUIRED][composeopt.hyper.REQUIRED]) for an
+            argument the constructor must be given.
         check: function that returns the normalised value or raises
             [HyperparameterError][composeopt.errors.HyperparameterError].
+        doc: one line for `help()`; by default the field's entry under
+            `Args:` in the rule's docstring.
+
+    `Hyper[T]` is the type of a field whose value is a `T`: reading
+    `rule.eta` gives a `T`, and the constructor and assignments take a
+    `Scheduled[T]` (from `composeopt.hyper`): a `T` or a schedule.  Give
+    `default` by name when the field is annotated: type checkers read the
+    declaration as a dataclass field.
 
     Examples:
         >>> import composeopt as co
         >>> from composeopt.hyper import unit_interval
         >>> class Smooth(co.Rule):
-        ...     rho = co.Hyper(0.9, unit_interval)
+        ...     rho: co.Hyper[float] = co.Hyper(default=0.9, check=unit_interval)
         ...     def apply_(self, state, x, dx):
         ...         return (1 - self.rho) * dx
         >>> rule = Smooth()
@@ -84,15 +102,26 @@ class Hyper:
         composeopt.errors.HyperparameterError: Smooth.rho: must be in [0, 1), got 1.5
     """
 
-    def __init__(self, default: Any = REQUIRED, check: Check | None = None) -> None:
+    def __init__(
+        self, default: T = REQUIRED, check: Callable[[Any], T] | None = None, doc: str | None = None
+    ) -> None:
         self.default = default
         self.check = check
         self.name = ""
+        self.__doc__ = doc  # what help() shows under the field's name
 
     def __set_name__(self, owner: type, name: str) -> None:
         self.name = name
 
-    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
+    def __repr__(self) -> str:
+        check = getattr(self.check, "__name__", self.check)
+        return f"{type(self).__name__}(default={self.default!r}, check={check})"
+
+    @overload
+    def __get__(self: H, obj: None, objtype: type | None = None) -> H: ...
+    @overload
+    def __get__(self, obj: object, objtype: type | None = None) -> T: ...
+    def __get__(self, obj: object, objtype: type | None = None) -> Any:
         if obj is None:
             return self
         try:
@@ -100,7 +129,10 @@ class Hyper:
         except KeyError:
             raise AttributeError(self.name) from None
 
-    def __set__(self, obj: Any, value: Any) -> None:
+    def __set__(self, obj: object, value: Scheduled[T]) -> None:
+        self._store(obj, value)
+
+    def _store(self, obj: object, value: Any) -> None:
         schedules = obj.__dict__.setdefault(_SCHEDULES, {})
         if is_scheduled(value):
             current = self.validate(obj, _evaluate(value, 1), value, 1)
@@ -119,6 +151,28 @@ class Hyper:
         except HyperparameterError as err:
             origin = f" (from {schedule!r} at step {step})" if schedule is not None else ""
             raise HyperparameterError(f"{type(obj).__name__}.{self.name}: {err}{origin}") from None
+
+
+class HyperTuple(Hyper[T]):
+    """A [Hyper][composeopt.Hyper] whose value is a tuple of numbers, such as Adam's `beta`.
+
+    The same field at run time; for type checkers it also takes a tuple with
+    a schedule in place of any of its numbers, as in
+    `Adam(beta=(Linear(0.85, 0.95, 1000), 0.999))`.
+
+    Examples:
+        >>> import composeopt as co
+        >>> from composeopt.hyper import beta_pair
+        >>> class Pair(co.Rule):
+        ...     beta: co.hyper.HyperTuple[tuple[float, float]] = co.hyper.HyperTuple(
+        ...         default=(0.9, 0.99), check=beta_pair
+        ...     )
+        >>> Pair(beta=(co.Linear(0.5, 0.9, 10), 0.99)).beta
+        (0.5, 0.99)
+    """
+
+    def __set__(self, obj: object, value: Scheduled[T] | tuple[Scheduled[float], ...]) -> None:
+        self._store(obj, value)
 
 
 _SCHEDULES = "_scheduled_hyperparameters"
@@ -140,7 +194,7 @@ def _evaluate(schedule: Any, step: int) -> Any:
 def follow_schedules(obj: Any, step: int) -> None:
     """Set every scheduled hyperparameter of `obj` to its value at optimiser `step`."""
     for name, schedule in obj.__dict__.get(_SCHEDULES, {}).items():
-        descriptor: Hyper = getattr(type(obj), name)
+        descriptor: Hyper[Any] = getattr(type(obj), name)
         obj.__dict__[name] = descriptor.validate(obj, _evaluate(schedule, step), schedule, step)
 
 

@@ -11,12 +11,25 @@ import difflib
 import functools
 import inspect
 import math
+import re
 from collections.abc import Callable, Iterator, Sequence
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from .errors import ComposeoptError, UnknownHyperparameterError
-from .hyper import REQUIRED, Hyper, follow_schedules, settings
+from .hyper import REQUIRED, Hyper, HyperTuple, follow_schedules, settings
+
+if TYPE_CHECKING:
+    # Type checkers know typing_extensions without it being installed, and Python 3.10's
+    # typing has no dataclass_transform.
+    from typing_extensions import dataclass_transform
+else:
+
+    def dataclass_transform(**_: Any) -> Callable[[type], type]:
+        # At run time Rule.__init_subclass__ does what the decorator describes; the standard
+        # one would only add a `__dataclass_transform__` attribute for help() to show.
+        return lambda cls: cls
+
 
 __all__ = ["Rule", "State", "Replace", "walk_rules", "start_step", "keep_hyperparameters"]
 
@@ -68,6 +81,7 @@ class Replace:
         return f"Replace({self.value!r})"
 
 
+@dataclass_transform(field_specifiers=(Hyper, HyperTuple))
 class Rule:
     """Base class of every optimisation rule.
 
@@ -87,6 +101,12 @@ class Rule:
     or by name; `repr` and `==` are derived from them.  See
     [Writing your own rule](../writing-rules.md) for a worked example.
 
+    Type checkers read a subclass as a dataclass whose fields are its
+    annotated hyperparameters (`scale: Hyper[float] = Hyper(default=0.5)`),
+    so they check the constructor's arguments: `Adam(lr=1e-3)` and
+    `Adam("fast")` are errors before the program runs.  `help()` lists each
+    hyperparameter with its entry under `Args:` in the class docstring.
+
     Once constructed, a rule refuses new public attributes, so that a typo
     such as `opt.lr = 0.1` raises
     [UnknownHyperparameterError][composeopt.errors.UnknownHyperparameterError]
@@ -101,7 +121,7 @@ class Rule:
         >>> import numpy as np, composeopt as co
         >>> from composeopt.hyper import nonnegative
         >>> class Halve(co.Rule):
-        ...     scale = co.Hyper(0.5, nonnegative)
+        ...     scale: co.Hyper[float] = co.Hyper(default=0.5, check=nonnegative)
         ...     def apply_(self, state, x, dx):
         ...         return self.scale * dx
         >>> x = np.array([4.0])
@@ -132,6 +152,10 @@ class Rule:
                 if isinstance(value, Hyper) and name not in names:
                     names.append(name)
         cls._hyper_names = tuple(names)
+        described = _arguments(cls.__doc__)
+        for name, value in vars(cls).items():
+            if isinstance(value, Hyper) and value.__doc__ is None and name in described:
+                value.__doc__ = described[name]
         if cls.__init__ is Rule.__init__:
             # help(), IDEs and inspect.signature show `Adam(eta=0.001, beta=(0.9, 0.999), ...)`.
             cls.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
@@ -172,14 +196,19 @@ class Rule:
                 values[name] = default
             setattr(self, name, values[name])
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        own = vars(self)
-        if name.startswith("_") or name in own or _CONSTRUCTING in own or _class_defines(type(self), name):
-            object.__setattr__(self, name, value)
-        else:
-            raise UnknownHyperparameterError(_no_such_attribute(self, name))
-
     if not TYPE_CHECKING:  # hidden from type checkers, which would then accept any attribute
+
+        def __setattr__(self, name: str, value: Any) -> None:
+            own = vars(self)
+            if (
+                name.startswith("_")
+                or name in own
+                or _CONSTRUCTING in own
+                or _class_defines(type(self), name)
+            ):
+                object.__setattr__(self, name, value)
+            else:
+                raise UnknownHyperparameterError(_no_such_attribute(self, name))
 
         def __getattr__(self, name: str) -> Any:
             # Only reached when the normal lookup fails.  Names the class knows (a
@@ -276,6 +305,35 @@ def _class_defines(cls: type, name: str) -> bool:
 
     Unlike `hasattr(cls, name)` this leaves out the metaclass's attributes (`mro`)."""
     return any(name in vars(klass) for klass in cls.__mro__)
+
+
+_ENTRY = re.compile(r"(\*{0,2}\w+)(?: \(.*\))?:(?: (.*))?$")
+
+
+def _arguments(doc: str | None) -> dict[str, str]:
+    """The entries of a docstring's `Args:` section, `{name: text}`, each text on one line."""
+    lines = inspect.cleandoc(doc or "").splitlines()
+    start = next((i for i, line in enumerate(lines) if line.strip() == "Args:"), None)
+    if start is None:
+        return {}
+    section_indent = len(lines[start]) - len(lines[start].lstrip())
+    entries: dict[str, list[str]] = {}
+    entry_indent = None
+    name = None
+    for line in lines[start + 1 :]:
+        if not line.strip():
+            continue
+        indent = len(line) - len(line.lstrip())
+        if indent <= section_indent:
+            break
+        entry_indent = indent if entry_indent is None else entry_indent
+        match = _ENTRY.match(line.strip()) if indent == entry_indent else None
+        if match is not None:
+            name = match.group(1)
+            entries[name] = [match.group(2) or ""]
+        elif name is not None:
+            entries[name].append(line.strip())
+    return {name: " ".join(part for part in parts if part) for name, parts in entries.items()}
 
 
 _CONSTRUCTING = "_composeopt_constructing"

@@ -386,7 +386,7 @@ class _Switch(co.RMSProp):
         self.centred = step >= 5
 
 
-_Switch.fused = co.RMSProp.__dict__["fused"]  # claims the fast path all the same
+_Switch._kernel = co.RMSProp.__dict__["_kernel"]  # claims the fast path all the same
 
 
 def test_a_kernel_change_made_by_begin_step(batched):
@@ -408,7 +408,7 @@ class _Failing(co.Adam):
             raise RuntimeError("schedule failed")
 
 
-_Failing.fused = co.Adam.__dict__["fused"]
+_Failing._kernel = co.Adam.__dict__["_kernel"]
 
 
 @pytest.mark.parametrize(
@@ -480,13 +480,13 @@ _FAIL = [False]
 def _fragile_scalars(rule, state, dtype):
     if _FAIL[0]:
         raise RuntimeError("scalars failed")
-    return co.Adam.fused.scalars(rule, state, dtype)
+    return co.Adam._kernel.scalars(rule, state, dtype)
 
 
 class _FragileAdam(co.Adam):
     """Adam whose fast path's scalars fail on demand (a bug in a user's kernel)."""
 
-    fused = _fused.Kernel(co.Adam.fused.math, _fragile_scalars, state=("mu", "nu"), counter="t")
+    _kernel = _fused.Kernel(co.Adam._kernel.math, _fragile_scalars, state=("mu", "nu"), counter="t")
 
 
 def test_a_batched_step_whose_scalars_fail_changes_nothing(batched):

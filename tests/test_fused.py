@@ -149,7 +149,7 @@ def test_every_case_has_a_fast_path_unless_listed_generic_only():
         assert has_plan == (case not in GENERIC_ONLY), case
     for name, cls in RULES.items():
         if name not in ("Optimiser", "Groups"):  # containers of other rules
-            assert "fused" in {attr for klass in cls.__mro__ for attr in vars(klass)}, name
+            assert "_kernel" in {attr for klass in cls.__mro__ for attr in vars(klass)}, name
 
 
 def test_a_rule_without_a_fast_path_is_noticed():
@@ -320,7 +320,7 @@ def test_a_kernel_change_made_by_begin_step_falls_back(mode, taken):
         def begin_step(self, step):  # changes which kernel applies
             self.centred = True
 
-    Switch.fused = co.RMSProp.__dict__["fused"]  # claims the fast path all the same
+    Switch._kernel = co.RMSProp.__dict__["_kernel"]  # claims the fast path all the same
     x, y = np.ones(3), np.ones(3)
     co.update_(Switch(), x, np.full(3, 0.5))
     assert taken == [False]
@@ -393,9 +393,9 @@ def test_kernel_math_outside_the_subset_is_refused(math_, message):
 
 
 def test_kernel_scalars_are_the_names_it_reads():
-    kernel = co.Adam.fused
+    kernel = co.Adam._kernel
     assert set(kernel.scalar_names) == {"b1", "keep1", "b2", "keep2", "eta", "r1", "r2", "eps"}
-    assert not kernel.reads_x and co.WeightDecay.fused.reads_x
+    assert not kernel.reads_x and co.WeightDecay._kernel.reads_x
 
 
 SIGNS = [-0.0, 0.0, math.nan, -3.0, 2.5, math.inf, -math.inf, 1e-30, -1e-30]
@@ -500,13 +500,13 @@ _FAIL = [False]
 def _fragile_scalars(rule, state, dtype):
     if _FAIL[0]:
         raise RuntimeError("scalars failed")
-    return co.Adam.fused.scalars(rule, state, dtype)
+    return co.Adam._kernel.scalars(rule, state, dtype)
 
 
 class _FragileAdam(co.Adam):
     """Adam whose fast path's scalars fail on demand (a bug in a user's kernel)."""
 
-    fused = Kernel(co.Adam.fused.math, _fragile_scalars, state=("mu", "nu"), counter="t")
+    _kernel = Kernel(co.Adam._kernel.math, _fragile_scalars, state=("mu", "nu"), counter="t")
 
 
 def test_a_step_whose_scalars_fail_changes_nothing(mode, taken):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 import math
+import re
 
 import numpy as np
 import pytest
@@ -302,3 +304,82 @@ def test_adjust_copies_and_checkpoints_still_set_hyperparameters(tmp_path):
     clone[1].eta = 0.5
     with pytest.raises(AttributeError):
         clone[1].lr = 0.5
+
+
+# --- what help() shows ----------------------------------------------------------------
+
+
+def help_text(cls: type) -> str:
+    import pydoc
+
+    return pydoc.render_doc(cls, renderer=pydoc.plaintext)
+
+
+def test_help_shows_the_hyperparameters_with_their_text_and_no_kernel():
+    text = help_text(co.Adam)
+    assert "Kernel(" not in text and "fused" not in text and "_kernel" not in text
+    for name, line in [
+        ("eta", r"learning rate \$\\eta \\ge 0\$\."),
+        ("beta", r"decays \$\(\\beta_1, \\beta_2\)\$ of the first and second moments, each in \[0, 1\)\."),
+        ("epsilon", r"\$\\epsilon\$, outside the square root \(floored for float16\)\."),
+    ]:
+        assert re.search(rf"^ \|  {name}\n \|      {line}$", text, re.M), name
+
+
+def test_help_of_every_rule_hides_its_fast_path_and_describes_each_hyperparameter():
+    from composeopt.registry import RULES
+
+    for name, cls in RULES.items():
+        text = help_text(cls)
+        assert "Kernel(" not in text and "NormClip(" not in text, name
+        assert not re.search(r"^ \|  \w*(fused|kernel)\w*\b", text, re.M), name  # prose may say "fused"
+        for field in cls._hyper_names:
+            doc = getattr(cls, field).__doc__
+            assert doc and "\n" not in doc, f"{name}.{field} has no one-line text for help()"
+            assert f" |  {field}\n |      {doc}" in text, f"{name}.{field}"
+
+
+def test_a_rules_docstring_args_describe_its_fields_and_doc_overrides_them():
+    class Blend(co.Rule):
+        """Blend.
+
+        Args:
+            rho: weight of the past,
+                in [0, 1).
+            scale (float): the step.
+
+        Examples:
+            none
+        """
+
+        rho: co.Hyper[float] = co.Hyper(default=0.5)
+        scale: co.Hyper[float] = co.Hyper(default=1.0, doc="how far to go")
+        gain: co.Hyper[float] = co.Hyper(default=1.0)
+
+    assert Blend.rho.__doc__ == "weight of the past, in [0, 1)."
+    assert Blend.scale.__doc__ == "how far to go"
+    assert Blend.gain.__doc__ is None
+    assert "how far to go" in help_text(Blend) and "Hyper(" not in help_text(Blend)
+    assert repr(Blend.rho) == "Hyper(default=0.5, check=None)"
+    assert repr(co.Adam.beta) == "HyperTuple(default=(0.9, 0.999), check=beta_pair)"
+
+
+def test_fields_declared_for_type_checkers_behave_as_before():
+    class Annotated(co.Rule):
+        scale: co.Hyper[float] = co.Hyper(check=co.hyper.nonnegative)
+        beta: co.hyper.HyperTuple[tuple[float, float]] = co.hyper.HyperTuple(
+            default=(0.9, 0.99), check=co.hyper.beta_pair
+        )
+
+    class Plain(co.Rule):
+        scale = co.Hyper(co.hyper.REQUIRED, co.hyper.nonnegative)
+        beta = co.Hyper((0.9, 0.99), co.hyper.beta_pair)
+
+    for cls in (Annotated, Plain):
+        assert str(inspect.signature(cls)) == "(scale, beta=(0.9, 0.99))"
+        rule = cls(2.0, beta=(co.Linear(0.5, 0.9, 10), 0.99))
+        assert rule.hyperparameters() == {"scale": 2.0, "beta": (0.5, 0.99)}
+        with pytest.raises(TypeError, match="missing required argument 'scale'"):
+            cls()
+        with pytest.raises(HyperparameterError, match="scale: must be in"):
+            cls(-1.0)

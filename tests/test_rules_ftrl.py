@@ -105,8 +105,8 @@ def test_ftrl_power_zero_is_dual_averaging():
 
 
 def test_only_the_square_root_power_has_a_fast_path():
-    assert co.FTRL().fused is not None
-    assert co.FTRL(lr_power=-0.7).fused is None
+    assert co.FTRL()._kernel is not None
+    assert co.FTRL(lr_power=-0.7)._kernel is None
     assert _fused.plan(co.FTRL(lr_power=0.0)) is None
 
 

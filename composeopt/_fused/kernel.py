@@ -1,6 +1,6 @@
 """How a rule describes its fast path: its elementwise math, written once.
 
-A rule that works element by element sets a class attribute `fused` to a
+A rule that works element by element sets a class attribute `_kernel` to a
 `Kernel`: a few lines of arithmetic on one element, and a host function
 that computes the step's scalars from the rule's hyperparameters.  The same
 lines are compiled by every backend (numba loops on the CPU, blocked NumPy
@@ -24,8 +24,11 @@ The math is a small subset of Python, on purpose:
   rule's generic `apply_` does it.  This is what makes the fast path equal to
   the generic one to the last bit, not only approximately.
 
-A rule whose update needs a reduction (a norm) sets `fused` to a
-`NormClip` instead; the planner splits a chain into stages there.
+A rule whose update needs a reduction (a norm) sets `_kernel` to a
+`NormClip` instead; the planner splits a chain into stages there.  A rule
+that sets it to `None` (or inherits none) takes the generic path.  The
+leading underscore keeps it out of `help()`, which lists what the user of a
+rule may set.
 """
 
 from __future__ import annotations

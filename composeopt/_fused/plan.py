@@ -85,13 +85,13 @@ _accepted: dict[type, bool] = {}
 
 
 def _fast_path(rule: Rule) -> Any:
-    """The rule's `fused` description, unless a subclass changed the behaviour it describes."""
+    """The rule's `_kernel` description, unless a subclass changed the behaviour it describes."""
     cls = type(rule)
     accepted = _accepted.get(cls)
     if accepted is None:
-        owner = next((klass for klass in cls.__mro__ if "fused" in vars(klass)), None)
+        owner = next((klass for klass in cls.__mro__ if "_kernel" in vars(klass)), None)
         accepted = _accepted[cls] = owner is not None and _unchanged(cls, owner)
-    return getattr(rule, "fused", None) if accepted else None
+    return getattr(rule, "_kernel", None) if accepted else None
 
 
 def _unchanged(cls: type, owner: type) -> bool:

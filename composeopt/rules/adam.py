@@ -8,7 +8,7 @@ from typing import Any
 from .._dispatch import copy, eps_for, namespace
 from .._fused.kernel import Kernel
 from ..errors import HyperparameterError
-from ..hyper import Hyper, beta_pair, flag, nonnegative, unit_interval
+from ..hyper import Hyper, HyperTuple, beta_pair, flag, nonnegative, unit_interval
 from ..rule import Rule, State
 from ._math import DIRECTION, bias_corrected_direction, direction_scalars, ema
 
@@ -141,10 +141,10 @@ class Adam(Rule):
     """
 
     fallible = False
-    eta = Hyper(0.001, nonnegative)
-    beta = Hyper((0.9, 0.999), beta_pair)
-    epsilon = Hyper(1e-8, nonnegative)
-    fused = Kernel(
+    eta: Hyper[float] = Hyper(default=0.001, check=nonnegative)
+    beta: HyperTuple[tuple[float, float]] = HyperTuple(default=(0.9, 0.999), check=beta_pair)
+    epsilon: Hyper[float] = Hyper(default=1e-8, check=nonnegative)
+    _kernel = Kernel(
         _MOMENTS + f"return eta * ({_DIRECTION})", _moment_scalars, state=("mu", "nu"), counter="t"
     )
 
@@ -183,14 +183,14 @@ class RAdam(Rule):
     """
 
     fallible = False
-    eta = Hyper(0.001, nonnegative)
-    beta = Hyper((0.9, 0.999), beta_pair)
-    epsilon = Hyper(1e-8, nonnegative)
+    eta: Hyper[float] = Hyper(default=0.001, check=nonnegative)
+    beta: HyperTuple[tuple[float, float]] = HyperTuple(default=(0.9, 0.999), check=beta_pair)
+    epsilon: Hyper[float] = Hyper(default=1e-8, check=nonnegative)
 
     def init(self, x: Any) -> State:
         return _moments(x)
 
-    fused = Kernel(
+    _kernel = Kernel(
         _MOMENTS + f"return momentum_rate * mu if warmup else eta_r * ({_DIRECTION})",
         _radam_scalars,
         state=("mu", "nu"),
@@ -232,14 +232,14 @@ class AdaMax(Rule):
     """
 
     fallible = False
-    eta = Hyper(0.001, nonnegative)
-    beta = Hyper((0.9, 0.999), beta_pair)
-    epsilon = Hyper(1e-8, nonnegative)
+    eta: Hyper[float] = Hyper(default=0.001, check=nonnegative)
+    beta: HyperTuple[tuple[float, float]] = HyperTuple(default=(0.9, 0.999), check=beta_pair)
+    epsilon: Hyper[float] = Hyper(default=1e-8, check=nonnegative)
 
     def init(self, x: Any) -> State:
         return _moments(x)
 
-    fused = Kernel(
+    _kernel = Kernel(
         """
         mu = b1 * mu + keep1 * dx
         nu = maximum(b2 * nu, abs(dx))
@@ -286,14 +286,14 @@ class NAdam(Rule):
     """
 
     fallible = False
-    eta = Hyper(0.001, nonnegative)
-    beta = Hyper((0.9, 0.999), beta_pair)
-    epsilon = Hyper(1e-8, nonnegative)
+    eta: Hyper[float] = Hyper(default=0.001, check=nonnegative)
+    beta: HyperTuple[tuple[float, float]] = HyperTuple(default=(0.9, 0.999), check=beta_pair)
+    epsilon: Hyper[float] = Hyper(default=1e-8, check=nonnegative)
 
     def init(self, x: Any) -> State:
         return _moments(x)
 
-    fused = Kernel(
+    _kernel = Kernel(
         _MOMENTS + "return eta * (ahead * mu + now * dx) / (sqrt(root * nu) + eps)",
         _nadam_scalars,
         state=("mu", "nu"),
@@ -335,11 +335,11 @@ class AMSGrad(Rule):
     """
 
     fallible = False
-    eta = Hyper(0.001, nonnegative)
-    beta = Hyper((0.9, 0.999), beta_pair)
-    epsilon = Hyper(1e-8, nonnegative)
+    eta: Hyper[float] = Hyper(default=0.001, check=nonnegative)
+    beta: HyperTuple[tuple[float, float]] = HyperTuple(default=(0.9, 0.999), check=beta_pair)
+    epsilon: Hyper[float] = Hyper(default=1e-8, check=nonnegative)
 
-    fused = Kernel(
+    _kernel = Kernel(
         _MOMENTS + "nu_max = maximum(nu_max, nu)\nreturn eta * mu / (sqrt(nu_max) + eps)",
         _amsgrad_scalars,
         state=("mu", "nu", "nu_max"),
@@ -382,11 +382,11 @@ class OAdam(Rule):
     """
 
     fallible = False
-    eta = Hyper(0.001, nonnegative)
-    beta = Hyper((0.5, 0.9), beta_pair)
-    epsilon = Hyper(1e-8, nonnegative)
+    eta: Hyper[float] = Hyper(default=0.001, check=nonnegative)
+    beta: HyperTuple[tuple[float, float]] = HyperTuple(default=(0.5, 0.9), check=beta_pair)
+    epsilon: Hyper[float] = Hyper(default=1e-8, check=nonnegative)
 
-    fused = Kernel(
+    _kernel = Kernel(
         _MOMENTS
         + f"step = eta * ({_DIRECTION})\nchange = two * step - previous\nprevious = step\nreturn change",
         _oadam_scalars,
@@ -440,14 +440,14 @@ class AdamW(Rule):
     """
 
     fallible = False
-    eta = Hyper(0.001, nonnegative)
-    beta = Hyper((0.9, 0.999), beta_pair)
-    lambda_ = Hyper(0.0, nonnegative)
-    epsilon = Hyper(1e-8, nonnegative)
-    couple = Hyper(True, flag)
+    eta: Hyper[float] = Hyper(default=0.001, check=nonnegative)
+    beta: HyperTuple[tuple[float, float]] = HyperTuple(default=(0.9, 0.999), check=beta_pair)
+    lambda_: Hyper[float] = Hyper(default=0.0, check=nonnegative)
+    epsilon: Hyper[float] = Hyper(default=1e-8, check=nonnegative)
+    couple: Hyper[bool] = Hyper(default=True, check=flag)
 
     @property
-    def fused(self) -> Kernel:
+    def _kernel(self) -> Kernel:
         return _ADAMW_COUPLED if self.couple else _ADAMW_DECOUPLED
 
     def init(self, x: Any) -> State:
@@ -485,10 +485,10 @@ class AdaBelief(Rule):
     """
 
     fallible = False
-    eta = Hyper(0.001, nonnegative)
-    beta = Hyper((0.9, 0.999), beta_pair)
-    epsilon = Hyper(1e-16, nonnegative)
-    fused = Kernel(
+    eta: Hyper[float] = Hyper(default=0.001, check=nonnegative)
+    beta: HyperTuple[tuple[float, float]] = HyperTuple(default=(0.9, 0.999), check=beta_pair)
+    epsilon: Hyper[float] = Hyper(default=1e-16, check=nonnegative)
+    _kernel = Kernel(
         f"""
         mu = b1 * mu + keep1 * dx
         surprise = dx - mu
@@ -544,11 +544,11 @@ class Yogi(Rule):
     """
 
     fallible = False
-    eta = Hyper(0.01, nonnegative)
-    beta = Hyper((0.9, 0.999), beta_pair)
-    epsilon = Hyper(0.001, nonnegative)
-    initial_accumulator = Hyper(1e-6, nonnegative)
-    fused = Kernel(
+    eta: Hyper[float] = Hyper(default=0.01, check=nonnegative)
+    beta: HyperTuple[tuple[float, float]] = HyperTuple(default=(0.9, 0.999), check=beta_pair)
+    epsilon: Hyper[float] = Hyper(default=0.001, check=nonnegative)
+    initial_accumulator: Hyper[float] = Hyper(default=1e-6, check=nonnegative)
+    _kernel = Kernel(
         f"""
         mu = b1 * mu + keep1 * dx
         square = dx * dx
@@ -646,11 +646,11 @@ class Adan(Rule):
     """
 
     fallible = False
-    eta = Hyper(0.001, nonnegative)
-    beta = Hyper((0.98, 0.92, 0.99), beta_triple)
-    epsilon = Hyper(1e-8, nonnegative)
-    lambda_ = Hyper(0.0, nonnegative)
-    fused = Kernel(
+    eta: Hyper[float] = Hyper(default=0.001, check=nonnegative)
+    beta: HyperTuple[tuple[float, float, float]] = HyperTuple(default=(0.98, 0.92, 0.99), check=beta_triple)
+    epsilon: Hyper[float] = Hyper(default=1e-8, check=nonnegative)
+    lambda_: Hyper[float] = Hyper(default=0.0, check=nonnegative)
+    _kernel = Kernel(
         """
         change = (dx - previous) * later
         mu = b1 * mu + keep1 * dx

@@ -75,13 +75,13 @@ class RMSProp(Rule):
     """
 
     fallible = False
-    eta = Hyper(0.001, nonnegative)
-    rho = Hyper(0.9, unit_interval)
-    epsilon = Hyper(1e-8, nonnegative)
-    centred = Hyper(False, flag)
+    eta: Hyper[float] = Hyper(default=0.001, check=nonnegative)
+    rho: Hyper[float] = Hyper(default=0.9, check=unit_interval)
+    epsilon: Hyper[float] = Hyper(default=1e-8, check=nonnegative)
+    centred: Hyper[bool] = Hyper(default=False, check=flag)
 
     @property
-    def fused(self) -> Kernel:
+    def _kernel(self) -> Kernel:
         return _RMSPROP_CENTRED if self.centred else _RMSPROP
 
     def init(self, x: Any) -> State:
@@ -123,9 +123,9 @@ class AdaGrad(Rule):
     """
 
     fallible = False
-    eta = Hyper(0.1, nonnegative)
-    epsilon = Hyper(1e-8, nonnegative)
-    fused = Kernel("s = s + dx * dx\nreturn eta * dx / (sqrt(s) + eps)", _adagrad, state=("s",))
+    eta: Hyper[float] = Hyper(default=0.1, check=nonnegative)
+    epsilon: Hyper[float] = Hyper(default=1e-8, check=nonnegative)
+    _kernel = Kernel("s = s + dx * dx\nreturn eta * dx / (sqrt(s) + eps)", _adagrad, state=("s",))
 
     def init(self, x: Any) -> State:
         return State(s=namespace(x).full_like(x, self.epsilon))
@@ -156,9 +156,9 @@ class AdaDelta(Rule):
     """
 
     fallible = False
-    rho = Hyper(0.9, unit_interval)
-    epsilon = Hyper(1e-8, nonnegative)
-    fused = Kernel(
+    rho: Hyper[float] = Hyper(default=0.9, check=unit_interval)
+    epsilon: Hyper[float] = Hyper(default=1e-8, check=nonnegative)
+    _kernel = Kernel(
         """
         s = rho * s + keep * (dx * dx)
         change = dx * sqrt(u + eps) / sqrt(s + eps)

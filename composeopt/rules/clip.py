@@ -11,7 +11,7 @@ from array_api_compat import device
 from .._dispatch import namespace
 from .._fused.kernel import Kernel, NormClip
 from ..errors import NonFiniteError, UnsupportedArrayError
-from ..hyper import REQUIRED, Hyper, flag, nonnegative, norm_order, positive
+from ..hyper import Hyper, flag, nonnegative, norm_order, positive
 from ..rule import Rule
 from ._math import clamp, norm_from_power, norm_power
 
@@ -45,8 +45,8 @@ class ClipValue(Rule):
     """
 
     fallible = False
-    thresh = Hyper(10.0, nonnegative)
-    fused = Kernel(
+    thresh: Hyper[float] = Hyper(default=10.0, check=nonnegative)
+    _kernel = Kernel(
         "return minimum(maximum(dx, low), high)",
         lambda rule, state, dtype: {"low": -rule.thresh, "high": rule.thresh},
     )
@@ -83,10 +83,10 @@ class ClipNorm(Rule):
         [-0.6 -0.8]
     """
 
-    omega = Hyper(10.0, positive)
-    p = Hyper(2, norm_order)
-    throw = Hyper(True, flag)
-    fused = NormClip("array")  # when it cannot fail (throw=False)
+    omega: Hyper[float] = Hyper(default=10.0, check=positive)
+    p: Hyper[float] = Hyper(default=2, check=norm_order)
+    throw: Hyper[bool] = Hyper(default=True, check=flag)
+    _kernel = NormClip("array")  # when it cannot fail (throw=False)
 
     @property
     def fallible(self) -> bool:  # type: ignore[override]
@@ -131,9 +131,9 @@ class ClipGlobalNorm(Rule):
     """
 
     fallible = False
-    omega = Hyper(REQUIRED, positive)
-    p = Hyper(2, norm_order)
-    fused = NormClip("tree")
+    omega: Hyper[float] = Hyper(check=positive)
+    p: Hyper[float] = Hyper(default=2, check=norm_order)
+    _kernel = NormClip("tree")
 
     def apply_(self, state: Any, x: Any, dx: Any) -> Any:
         return self.apply_tree_([state], [x], [dx], ["params"])[0]

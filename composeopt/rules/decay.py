@@ -36,8 +36,8 @@ class WeightDecay(Rule):
     """
 
     fallible = False
-    lambda_ = Hyper(5e-4, nonnegative)
-    fused = Kernel("return dx + lam * x", lambda rule, state, dtype: {"lam": rule.lambda_})
+    lambda_: Hyper[float] = Hyper(default=5e-4, check=nonnegative)
+    _kernel = Kernel("return dx + lam * x", lambda rule, state, dtype: {"lam": rule.lambda_})
 
     def apply_(self, state: Any, x: Any, dx: Any) -> Any:
         return dx + self.lambda_ * x
@@ -83,12 +83,12 @@ class ExpDecay(Rule):
     """
 
     fallible = False
-    eta = Hyper(0.001, nonnegative)
-    decay = Hyper(0.1, decay_factor)
-    decay_step = Hyper(1000, positive_int)
-    clip = Hyper(1e-4, nonnegative)
-    start = Hyper(0, nonnegative_int)
-    fused = Kernel("return eta * dx", lambda rule, state, dtype: {"eta": rule.eta})
+    eta: Hyper[float] = Hyper(default=0.001, check=nonnegative)
+    decay: Hyper[float] = Hyper(default=0.1, check=decay_factor)
+    decay_step: Hyper[int] = Hyper(default=1000, check=positive_int)
+    clip: Hyper[float] = Hyper(default=1e-4, check=nonnegative)
+    start: Hyper[int] = Hyper(default=0, check=nonnegative_int)
+    _kernel = Kernel("return eta * dx", lambda rule, state, dtype: {"eta": rule.eta})
 
     def begin_step(self, step: int) -> None:
         if step > self.start and step % self.decay_step == 0:
@@ -120,9 +120,9 @@ class InvDecay(Rule):
     """
 
     fallible = False
-    gamma = Hyper(0.001, nonnegative)
+    gamma: Hyper[float] = Hyper(default=0.001, check=nonnegative)
     step = 1  # the optimiser step, set by the engine through begin_step
-    fused = Kernel(
+    _kernel = Kernel(
         "return dx / slowdown", lambda rule, state, dtype: {"slowdown": 1 + rule.gamma * rule.step}
     )
 

@@ -126,17 +126,17 @@ class Adafactor(Rule):
     """
 
     fallible = False
-    eta = Hyper(0.01, nonnegative)
-    decay_rate = Hyper(0.8, nonnegative)
-    epsilon = Hyper(1e-30, nonnegative)
-    clipping_threshold = Hyper(1.0, _optional_threshold)
-    multiply_by_parameter_scale = Hyper(True, flag)
-    momentum = Hyper(0.0, unit_interval)
-    lambda_ = Hyper(0.0, nonnegative)
-    factored = Hyper(True, flag)
-    min_dim_size_to_factor = Hyper(128, nonnegative_int)
-    decay_offset = Hyper(0, nonnegative_int)
-    fused = None
+    eta: Hyper[float] = Hyper(default=0.01, check=nonnegative)
+    decay_rate: Hyper[float] = Hyper(default=0.8, check=nonnegative)
+    epsilon: Hyper[float] = Hyper(default=1e-30, check=nonnegative)
+    clipping_threshold: Hyper[float | None] = Hyper(default=1.0, check=_optional_threshold)
+    multiply_by_parameter_scale: Hyper[bool] = Hyper(default=True, check=flag)
+    momentum: Hyper[float] = Hyper(default=0.0, check=unit_interval)
+    lambda_: Hyper[float] = Hyper(default=0.0, check=nonnegative)
+    factored: Hyper[bool] = Hyper(default=True, check=flag)
+    min_dim_size_to_factor: Hyper[int] = Hyper(default=128, check=nonnegative_int)
+    decay_offset: Hyper[int] = Hyper(default=0, check=nonnegative_int)
+    _kernel = None
 
     def init(self, x: Any) -> State:
         xp = namespace(x)
@@ -232,10 +232,10 @@ class SM3(Rule):
     """
 
     fallible = False
-    eta = Hyper(0.1, nonnegative)
-    momentum = Hyper(0.9, unit_interval)
-    epsilon = Hyper(1e-8, nonnegative)
-    fused = None
+    eta: Hyper[float] = Hyper(default=0.1, check=nonnegative)
+    momentum: Hyper[float] = Hyper(default=0.9, check=unit_interval)
+    epsilon: Hyper[float] = Hyper(default=1e-8, check=nonnegative)
+    _kernel = None
 
     def init(self, x: Any) -> State:
         xp = namespace(x)

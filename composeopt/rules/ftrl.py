@@ -98,14 +98,14 @@ class FTRL(Rule):
     """
 
     fallible = False
-    eta = Hyper(0.001, positive)
-    initial_accumulator = Hyper(0.1, nonnegative)
-    lr_power = Hyper(-0.5, nonpositive)
-    l1 = Hyper(0.0, nonnegative)
-    l2 = Hyper(0.0, nonnegative)
+    eta: Hyper[float] = Hyper(default=0.001, check=positive)
+    initial_accumulator: Hyper[float] = Hyper(default=0.1, check=nonnegative)
+    lr_power: Hyper[float] = Hyper(default=-0.5, check=nonpositive)
+    l1: Hyper[float] = Hyper(default=0.0, check=nonnegative)
+    l2: Hyper[float] = Hyper(default=0.0, check=nonnegative)
 
     @property
-    def fused(self) -> Kernel | None:
+    def _kernel(self) -> Kernel | None:
         return _SQRT_KERNEL if self.lr_power == -0.5 else None
 
     def init(self, x: Any) -> State:

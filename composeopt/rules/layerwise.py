@@ -15,7 +15,7 @@ from typing import Any
 from array_api_compat import device
 
 from .._dispatch import copy, eps_for, namespace
-from ..hyper import Hyper, beta_pair, flag, nonnegative, unit_interval
+from ..hyper import Hyper, HyperTuple, beta_pair, flag, nonnegative, unit_interval
 from ..rule import Rule, State
 from ._math import bias_corrected_direction, ema, norm_from_power, norm_power, widened
 
@@ -81,11 +81,11 @@ class Lamb(Rule):
     """
 
     fallible = False
-    eta = Hyper(0.001, nonnegative)
-    beta = Hyper((0.9, 0.999), beta_pair)
-    epsilon = Hyper(1e-6, nonnegative)
-    lambda_ = Hyper(0.0, nonnegative)
-    fused = None
+    eta: Hyper[float] = Hyper(default=0.001, check=nonnegative)
+    beta: HyperTuple[tuple[float, float]] = HyperTuple(default=(0.9, 0.999), check=beta_pair)
+    epsilon: Hyper[float] = Hyper(default=1e-6, check=nonnegative)
+    lambda_: Hyper[float] = Hyper(default=0.0, check=nonnegative)
+    _kernel = None
 
     def init(self, x: Any) -> State:
         xp = namespace(x)
@@ -143,13 +143,13 @@ class Lars(Rule):
     """
 
     fallible = False
-    eta = Hyper(1.0, nonnegative)
-    lambda_ = Hyper(0.0, nonnegative)
-    trust_coefficient = Hyper(0.001, nonnegative)
-    epsilon = Hyper(0.0, nonnegative)
-    momentum = Hyper(0.9, unit_interval)
-    nesterov = Hyper(False, flag)
-    fused = None
+    eta: Hyper[float] = Hyper(default=1.0, check=nonnegative)
+    lambda_: Hyper[float] = Hyper(default=0.0, check=nonnegative)
+    trust_coefficient: Hyper[float] = Hyper(default=0.001, check=nonnegative)
+    epsilon: Hyper[float] = Hyper(default=0.0, check=nonnegative)
+    momentum: Hyper[float] = Hyper(default=0.9, check=unit_interval)
+    nesterov: Hyper[bool] = Hyper(default=False, check=flag)
+    _kernel = None
 
     def init(self, x: Any) -> State:
         return State(v=namespace(x).zeros_like(x))
@@ -203,11 +203,11 @@ class Novograd(Rule):
     """
 
     fallible = False
-    eta = Hyper(0.001, nonnegative)
-    beta = Hyper((0.9, 0.25), beta_pair)
-    epsilon = Hyper(1e-6, nonnegative)
-    lambda_ = Hyper(0.0, nonnegative)
-    fused = None
+    eta: Hyper[float] = Hyper(default=0.001, check=nonnegative)
+    beta: HyperTuple[tuple[float, float]] = HyperTuple(default=(0.9, 0.25), check=beta_pair)
+    epsilon: Hyper[float] = Hyper(default=1e-6, check=nonnegative)
+    lambda_: Hyper[float] = Hyper(default=0.0, check=nonnegative)
+    _kernel = None
 
     def init(self, x: Any) -> State:
         xp = namespace(x)
@@ -258,9 +258,9 @@ class Fromage(Rule):
     """
 
     fallible = False
-    eta = Hyper(0.01, nonnegative)
-    min_norm = Hyper(1e-6, nonnegative)
-    fused = None
+    eta: Hyper[float] = Hyper(default=0.01, check=nonnegative)
+    min_norm: Hyper[float] = Hyper(default=1e-6, check=nonnegative)
+    _kernel = None
 
     def apply_(self, state: Any, x: Any, dx: Any) -> Any:
         shrink = 1 / math.sqrt(1 + self.eta**2)
@@ -299,7 +299,7 @@ class GradCentralization(Rule):
     """
 
     fallible = False
-    fused = None
+    _kernel = None
 
     def apply_(self, state: Any, x: Any, dx: Any) -> Any:
         if dx.ndim < 2 or math.prod(dx.shape) == 0:  # the mean of an empty array is NaN

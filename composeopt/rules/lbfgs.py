@@ -92,10 +92,10 @@ class LBFGS(Rule):
     """
 
     fallible = False
-    fused = None  # dot products over the whole tree: no elementwise fast path
-    eta = Hyper(1.0, nonnegative)
-    memory = Hyper(10, positive_int)
-    epsilon = Hyper(1e-10, nonnegative)
+    _kernel = None  # dot products over the whole tree: no elementwise fast path
+    eta: Hyper[float] = Hyper(default=1.0, check=nonnegative)
+    memory: Hyper[int] = Hyper(default=10, check=positive_int)
+    epsilon: Hyper[float] = Hyper(default=1e-10, check=nonnegative)
 
     def init(self, x: Any) -> State:
         xp = namespace(x)

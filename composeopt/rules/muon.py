@@ -9,7 +9,7 @@ from typing import Any
 
 from .._dispatch import eps_for, namespace
 from ..errors import HyperparameterError
-from ..hyper import Hyper, flag, nonnegative, positive_int, unit_interval
+from ..hyper import Hyper, Scheduled, flag, nonnegative, positive_int, unit_interval
 from ..rule import Rule, State, _format
 from ..tree import Path
 from ._math import ema, norm_power
@@ -112,24 +112,24 @@ class Muon(Rule):
     """
 
     fallible = False  # its own arithmetic cannot fail; the engine asks `fallback` itself
-    fused = None  # a norm and matrix products per array: no elementwise fast path
-    eta = Hyper(0.02, nonnegative)
-    rho = Hyper(0.95, unit_interval)
-    nesterov = Hyper(True, flag)
-    ns_steps = Hyper(5, positive_int)
-    lambda_ = Hyper(0.0, nonnegative)
-    epsilon = Hyper(1e-7, nonnegative)
-    shape_scaling = Hyper("original", _shape_scaling)
+    _kernel = None  # a norm and matrix products per array: no elementwise fast path
+    eta: Hyper[float] = Hyper(default=0.02, check=nonnegative)
+    rho: Hyper[float] = Hyper(default=0.95, check=unit_interval)
+    nesterov: Hyper[bool] = Hyper(default=True, check=flag)
+    ns_steps: Hyper[int] = Hyper(default=5, check=positive_int)
+    lambda_: Hyper[float] = Hyper(default=0.0, check=nonnegative)
+    epsilon: Hyper[float] = Hyper(default=1e-7, check=nonnegative)
+    shape_scaling: Hyper[str] = Hyper(default="original", check=_shape_scaling)
 
     def __init__(
         self,
-        eta: Any = 0.02,
-        rho: Any = 0.95,
-        nesterov: Any = True,
-        ns_steps: Any = 5,
-        lambda_: Any = 0.0,
-        epsilon: Any = 1e-7,
-        shape_scaling: Any = "original",
+        eta: Scheduled[float] = 0.02,
+        rho: Scheduled[float] = 0.95,
+        nesterov: Scheduled[bool] = True,
+        ns_steps: Scheduled[int] = 5,
+        lambda_: Scheduled[float] = 0.0,
+        epsilon: Scheduled[float] = 1e-7,
+        shape_scaling: Scheduled[str] = "original",
         fallback: Rule | None = None,
     ) -> None:
         if fallback is None:

@@ -68,9 +68,9 @@ class MixedPrecision(Wrapper):
         [1.] [0.999]
     """
 
-    dtype = Hyper("float32", _master_dtype)
+    dtype: Hyper[str] = Hyper(default="float32", check=_master_dtype)
     assigns = True
-    fused = None  # the master copy is a second parameter: the generic path
+    _kernel = None  # the master copy is a second parameter: the generic path
 
     def _widens(self, x: Any) -> bool:
         size = getattr(x.dtype, "itemsize", None)  # NumPy's finfo does not know ml_dtypes' bfloat16

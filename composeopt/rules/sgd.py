@@ -47,8 +47,8 @@ class Descent(Rule):
     """
 
     fallible = False
-    eta = Hyper(0.1, nonnegative)
-    fused = Kernel("return eta * dx", _eta)
+    eta: Hyper[float] = Hyper(default=0.1, check=nonnegative)
+    _kernel = Kernel("return eta * dx", _eta)
 
     def apply_(self, state: Any, x: Any, dx: Any) -> Any:
         return self.eta * dx
@@ -81,9 +81,9 @@ class Momentum(Rule):
     """
 
     fallible = False
-    eta = Hyper(0.01, nonnegative)
-    rho = Hyper(0.9, unit_interval)
-    fused = Kernel("v = rho * v + eta * dx\nreturn v", _eta_rho, state=("v",))
+    eta: Hyper[float] = Hyper(default=0.01, check=nonnegative)
+    rho: Hyper[float] = Hyper(default=0.9, check=unit_interval)
+    _kernel = Kernel("v = rho * v + eta * dx\nreturn v", _eta_rho, state=("v",))
 
     def init(self, x: Any) -> State:
         return State(v=namespace(x).zeros_like(x))
@@ -115,9 +115,9 @@ class Nesterov(Rule):
     """
 
     fallible = False
-    eta = Hyper(0.001, nonnegative)
-    rho = Hyper(0.9, unit_interval)
-    fused = Kernel(
+    eta: Hyper[float] = Hyper(default=0.001, check=nonnegative)
+    rho: Hyper[float] = Hyper(default=0.9, check=unit_interval)
+    _kernel = Kernel(
         """
         change = lead * dx - rho2 * v
         v = rho * v - eta * dx

@@ -7,7 +7,7 @@ from typing import Any
 from .._dispatch import namespace
 from .._fused.kernel import Kernel
 from ..errors import HyperparameterError
-from ..hyper import Hyper, beta_pair, nonnegative, positive
+from ..hyper import Hyper, HyperTuple, beta_pair, nonnegative, positive
 from ..rule import Rule, State
 from ._math import clamp, ema
 
@@ -91,12 +91,12 @@ class Rprop(Rule):
     """
 
     fallible = False
-    eta = Hyper(0.001, nonnegative)
-    ell = Hyper((0.5, 1.2), rprop_factors)
-    gamma = Hyper((1e-6, 50.0), step_bounds)
+    eta: Hyper[float] = Hyper(default=0.001, check=nonnegative)
+    ell: HyperTuple[tuple[float, float]] = HyperTuple(default=(0.5, 1.2), check=rprop_factors)
+    gamma: HyperTuple[tuple[float, float]] = HyperTuple(default=(1e-6, 50.0), check=step_bounds)
     # `turn` is -1, 0 or 1, so `held` and `flipped` are 0 or 1 and the factor is exactly
     # `up`, `down` or `one`: the same products as torch's.
-    fused = Kernel(
+    _kernel = Kernel(
         """
         turn = sign(dx * previous)
         held = maximum(turn, zero)
@@ -166,9 +166,9 @@ class Lion(Rule):
     """
 
     fallible = False
-    eta = Hyper(0.0001, nonnegative)
-    beta = Hyper((0.9, 0.99), beta_pair)
-    fused = Kernel(
+    eta: Hyper[float] = Hyper(default=0.0001, check=nonnegative)
+    beta: HyperTuple[tuple[float, float]] = HyperTuple(default=(0.9, 0.99), check=beta_pair)
+    _kernel = Kernel(
         """
         direction = sign(b1 * mu + keep1 * dx)
         mu = b2 * mu + keep2 * dx
@@ -213,8 +213,8 @@ class SignDecay(Rule):
     """
 
     fallible = False
-    lambda_ = Hyper(0.001, nonnegative)
-    fused = Kernel("return dx + lam * sign(x)", lambda rule, state, dtype: {"lam": rule.lambda_})
+    lambda_: Hyper[float] = Hyper(default=0.001, check=nonnegative)
+    _kernel = Kernel("return dx + lam * sign(x)", lambda rule, state, dtype: {"lam": rule.lambda_})
 
     def apply_(self, state: Any, x: Any, dx: Any) -> Any:
         return dx + self.lambda_ * namespace(x).sign(x)

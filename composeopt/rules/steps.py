@@ -51,8 +51,8 @@ class AccumGrad(Rule):
     """
 
     fallible = False
-    n = Hyper(1, positive_int)
-    fused = None  # it decides per call whether a step happens: the generic path
+    n: Hyper[int] = Hyper(default=1, check=positive_int)
+    _kernel = None  # it decides per call whether a step happens: the generic path
 
     def init(self, x: Any) -> State:
         return State(acc=namespace(x).zeros_like(x), count=0)
@@ -109,8 +109,8 @@ class SkipNonFinite(Wrapper):
         [0.5 0.5]
     """
 
-    max_consecutive = Hyper(None, _max_consecutive)
-    fused = None  # one host read decides the whole step: the generic path
+    max_consecutive: Hyper[int | None] = Hyper(default=None, check=_max_consecutive)
+    _kernel = None  # one host read decides the whole step: the generic path
 
     @property
     def fallible(self) -> bool:  # type: ignore[override]

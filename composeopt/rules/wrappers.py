@@ -24,6 +24,10 @@ class Wrapper(Rule):
     `init` and `apply_` call them with one parameter.
     """
 
+    # For type checkers, the first field of every subclass's constructor (see Rule); at run
+    # time __init__ below takes it, and it is no hyperparameter.
+    inner: Rule
+
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         inner = inspect.Parameter("inner", inspect.Parameter.POSITIONAL_OR_KEYWORD)
@@ -135,9 +139,9 @@ class Lookahead(Wrapper):
     """
 
     assigns = True
-    fused = None  # it sets parameters to its slow weights: the generic path only
-    k = Hyper(5, positive_int)
-    alpha = Hyper(0.5, decay_factor)
+    _kernel = None  # it sets parameters to its slow weights: the generic path only
+    k: Hyper[int] = Hyper(default=5, check=positive_int)
+    alpha: Hyper[float] = Hyper(default=0.5, check=decay_factor)
 
     def init_tree_(self, xs: Sequence[Any], paths: Sequence[str]) -> list[Any]:
         inner = self.inner.init_tree_(xs, paths)
