@@ -150,15 +150,15 @@ class Groups(Rule):
         return states
 
     def _assign(self, xs: Sequence[Any], paths: Sequence[str], check: bool) -> list[Any]:
-        paths = [path if isinstance(path, Path) else Path(path) for path in paths]
-        indices = [self._group_of(x, path) for x, path in zip(xs, paths)]
+        named = [path if isinstance(path, Path) else Path(path) for path in paths]
+        indices = [self._group_of(x, path) for x, path in zip(xs, named)]
         if check and xs:
-            self._check_every_group_takes_some(set(indices), paths)
+            self._check_every_group_takes_some(set(indices), named)
         states: list[Any] = [None] * len(xs)
         rules = self._rules()
         for index in set(indices):
             members = [i for i, k in enumerate(indices) if k == index]
-            inner = rules[index].init_tree_([xs[i] for i in members], [paths[i] for i in members])
+            inner = rules[index].init_tree_([xs[i] for i in members], [named[i] for i in members])
             for i, state in zip(members, inner):
                 states[i] = (index, state)
         return states
