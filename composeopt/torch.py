@@ -292,6 +292,28 @@ class _Split:
         return (*state[:first], (0, tail))
 
 
+class _Adopted:
+    """A param group checked and ready to join the optimizer (see `Optimizer._prepare`)."""
+
+    __slots__ = ("names", "parameters", "rule", "binding", "synced", "changes")
+
+    def __init__(
+        self,
+        names: list[str],
+        parameters: list[_Parameter],
+        rule: Rule,
+        binding: _Binding,
+        synced: dict[str, Any],
+        changes: list[tuple[str, Any]],
+    ) -> None:
+        self.names = names
+        self.parameters = parameters
+        self.rule = rule
+        self.binding = binding
+        self.synced = synced
+        self.changes = changes
+
+
 # --- the optimizer ----------------------------------------------------------------
 
 
@@ -369,7 +391,7 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc,unused-ignore]
             self._groups = Groups(allow_empty=True)
             self.rule = self._split.compose(self._groups)
         for group in self.param_groups:
-            self._adopt(group)
+            self._adopt(self._prepare(group))
         self._ready = True
 
     # -- groups
@@ -380,13 +402,18 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc,unused-ignore]
 
         With a rule whose hyperparameters the groups set, the second group turns the
         optimizer's rule into the `Groups` of the class description; the states made
-        so far move into it."""
+        so far move into it.  A group that cannot be added changes nothing."""
         super().add_param_group(param_group)
         if not getattr(self, "_ready", False):
             return  # the constructor adopts its groups itself
+        try:
+            adopted = self._prepare(self.param_groups[-1])
+        except BaseException:
+            self.param_groups.pop()
+            raise
         if self._groups is None and _drives(self.rule):
             self._regroup()
-        self._adopt(self.param_groups[-1])
+        self._adopt(adopted)
 
     def _regroup(self) -> None:
         """From one rule to a `Groups` of one group, keeping every state, the step count and the
@@ -407,8 +434,8 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc,unused-ignore]
         before.clear()
         self._split, self._groups, self.rule = split, groups, new
 
-    def _adopt(self, group: dict[str, Any]) -> None:
-        """Views, names, a rule and the hyperparameters for the group just added."""
+    def _prepare(self, group: dict[str, Any]) -> _Adopted:
+        """Everything that can fail about a new group (names, views, keys, values), changing nothing."""
         index = len(self._names)
         tensors = group["params"]
         if "param_names" in group:
@@ -423,10 +450,10 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc,unused-ignore]
             seen.add(name)
         parameters = [_Parameter(name, tensor) for name, tensor in zip(names, tensors)]
         rule = self.rule
-        if self._groups is not None:
-            assert self._split is not None
+        if self._split is not None:
             rule = self._split.tail if index == 0 else _fresh_copy(self._split.tail)
-            self._groups.groups = (*self._groups.groups, (_Members(names), rule))
+        elif index > 0 and _drives(self.rule):
+            rule = _fresh_copy(_Split(self.rule).tail)
         binding = _Binding(rule)
         for key in group:
             if key in KEYS and key not in binding.holders:
@@ -434,16 +461,32 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc,unused-ignore]
                     f"param group {index} sets {key!r} (composeopt's {KEYS[key]!r}), but no rule of "
                     f"{rule!r} has it"
                 )
-        self._names.append(names)
-        self._bindings.append(binding)
-        self._synced.append(binding.read())
-        for parameter in parameters:
+        synced = binding.read()
+        changes = []
+        for key in binding.holders:
+            if key in group:
+                value = _plain(group[key])
+                if key not in synced or value != synced[key]:
+                    try:
+                        binding.validate(key, value)
+                    except HyperparameterError as err:
+                        raise HyperparameterError(f"param_groups[{index}][{key!r}]: {err}") from None
+                    changes.append((key, value))
+        return _Adopted(names, parameters, rule, binding, synced, changes)
+
+    def _adopt(self, adopted: _Adopted) -> None:
+        """Take in a prepared group: its views, its rule, its values set on the rule."""
+        if self._groups is not None:
+            self._groups.groups = (*self._groups.groups, (_Members(adopted.names), adopted.rule))
+        for parameter in adopted.parameters:
             self._parameters[parameter.name] = parameter
             self._arrays[parameter.name] = parameter.array
-        changes = self._changes([index])
-        self._push(changes)
-        for _, key, value in changes:
-            self._synced[index][key] = value
+        for key, value in adopted.changes:
+            adopted.binding.write(key, value)
+            adopted.synced[key] = value
+        self._names.append(adopted.names)
+        self._bindings.append(adopted.binding)
+        self._synced.append(adopted.synced)
 
     def _changes(self, indices: Iterable[int]) -> list[tuple[int, str, Any]]:
         """`(group, key, value)` for every value of these groups that changed since the last step."""
@@ -649,6 +692,13 @@ class Optimizer(torch.optim.Optimizer):  # type: ignore[misc,unused-ignore]
                     except HyperparameterError as err:
                         raise CheckpointError(f"param group {index}: {key!r}: {err}") from None
         return groups
+
+    def __getstate__(self) -> dict[str, Any]:
+        # torch's would keep only the groups: a copy without views or rule could not step.
+        raise TypeError(
+            "a composeopt.torch.Optimizer cannot be pickled or copied; save opt.state_dict() "
+            "(torch.save) and load it into a new Optimizer"
+        )
 
     def __repr__(self) -> str:
         torch_repr = super().__repr__()

@@ -297,6 +297,32 @@ def test_add_param_group_later_as_torch_does():
     assert co.state_store(opt.rule).step == 25
 
 
+def test_a_group_that_cannot_be_added_changes_nothing():
+    model = make_model()
+    opt = Optimizer(model[0].named_parameters(prefix="0"), co.Adam(1e-2))
+    train(model, opt, 2)
+    rule = opt.rule
+    for bad in ({"weight_decay": 0.1}, {"lr": -1.0}):
+        with pytest.raises(HyperparameterError):
+            opt.add_param_group({"params": list(model[2].named_parameters(prefix="2")), **bad})
+        assert len(opt.param_groups) == 1 and opt.rule is rule and rule.eta == 1e-2
+    opt.add_param_group({"params": list(model[2].named_parameters(prefix="2"))})
+    train(model, opt, 1)
+    assert len(opt.param_groups) == 2 and co.state_store(opt.rule).step == 3
+
+
+def test_the_optimizer_is_not_pickled_but_its_state_dict_is():
+    import copy
+    import pickle
+
+    opt = Optimizer(make_model().parameters(), co.Adam())
+    with pytest.raises(TypeError, match=r"save opt\.state_dict\(\)"):
+        pickle.dumps(opt)
+    with pytest.raises(TypeError, match="cannot be pickled or copied"):
+        copy.deepcopy(opt)
+    pickle.loads(pickle.dumps(opt.state_dict()))
+
+
 def test_an_empty_parameter_list_is_an_error_as_in_torch():
     with pytest.raises(ValueError, match="empty parameter list"):
         Optimizer([], co.Adam())
