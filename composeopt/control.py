@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, TypeVar
 
 from .engine import state_store
-from .errors import HyperparameterError
+from .errors import HyperparameterError, TreeStructureError
 from .groups import Selector, matches
 from .rule import Rule, keep_hyperparameters, walk_rules
 from .tree import array_leaves
@@ -67,20 +67,39 @@ def freeze_(opt: R, params: Any, where: Selector | None = None) -> R:
     `where` chooses which (a glob pattern on the key path, patterns, a regex,
     or a predicate `f(path, x)`; see [Selector][composeopt.groups.Selector]);
     without it, every array of `params` is frozen, so
-    `freeze_(opt, model["encoder"])` freezes a whole sub-network.  Optimisers.jl's
-    `freeze!`.  Returns `opt`.
+    `freeze_(opt, model["encoder"])` freezes a whole sub-network.  A `where`
+    that takes no array of `params` is an error
+    ([TreeStructureError][composeopt.errors.TreeStructureError]), and then
+    nothing is frozen.  Optimisers.jl's `freeze!`.  Returns `opt`.
     """
     frozen = state_store(opt).frozen
-    for path, x in array_leaves(params):
-        if where is None or matches(where, path, x):
-            frozen.set(x, True)
+    for x in _chosen("freeze_", params, where):
+        frozen.set(x, True)
     return opt
 
 
 def thaw_(opt: R, params: Any, where: Selector | None = None) -> R:
-    """Undo [freeze_][composeopt.freeze_] for the chosen parameters of `params`; returns `opt`."""
+    """Undo [freeze_][composeopt.freeze_] for the chosen parameters of `params`; returns `opt`.
+
+    As for `freeze_`, a `where` that takes no array of `params` is an error.
+    """
     frozen = state_store(opt).frozen
-    for path, x in array_leaves(params):
-        if where is None or matches(where, path, x):
-            frozen.discard(x)
+    for x in _chosen("thaw_", params, where):
+        frozen.discard(x)
     return opt
+
+
+def _chosen(caller: str, params: Any, where: Selector | None) -> list[Any]:
+    """The arrays of `params` that `where` takes; a selector that takes none is a mistake."""
+    leaves = list(array_leaves(params))
+    if where is None:
+        return [x for _, x in leaves]
+    chosen = [x for path, x in leaves if matches(where, path, x)]
+    if leaves and not chosen:
+        shown = ", ".join(str(path) for path, _ in leaves[:3]) + (", ..." if len(leaves) > 3 else "")
+        raise TreeStructureError(
+            f"{caller}: the selector {where!r} takes none of the {len(leaves)} arrays of params "
+            f"({shown}); a glob matches the whole key path, with '/' or '.' between keys "
+            "('encoder/*', 'encoder.*', '*.bias')"
+        )
+    return chosen

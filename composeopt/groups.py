@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Union
 
@@ -24,24 +25,46 @@ __all__ = ["Groups", "Selector", "matches"]
 Selector = Union[str, Sequence[str], "re.Pattern[str]", Callable[[Path, Any], bool]]
 """Which parameters a group (or [freeze_][composeopt.freeze_]) takes:
 
-* a glob pattern matched against the parameter's key path, its keys joined by
-  `/` (`"layer1/W"`, `"layers/0/bias"`; `*` also crosses `/`);
+* a glob pattern matched against the parameter's whole key path, in which `/`
+  and `.` both separate keys: `"layer1/W"` and `"layer1.W"` are the same
+  pattern, and match `params["layer1"]["W"]` of a nested dict as well as
+  torch's dotted name `"layer1.W"` (a key of `dict(model.named_parameters())`);
+  `"*/bias"` and `"*.bias"` take every bias of either; `*` also crosses separators;
 * a list or tuple of such patterns (any of them);
-* a compiled regular expression, searched in the key path;
+* a compiled regular expression, searched in the key path as written (keys
+  joined by `/`, so `r"\\.bias$"` for torch's names, `r"/bias$"` for nested dicts);
 * a predicate `f(path, x) -> bool` on the [Path][composeopt.tree.Path] and the array.
 """
 
 
+def _separated(text: str) -> str:
+    """Keys joined by `.` (torch's names) read as keys joined by `/`, for globs."""
+    return text.replace(".", "/")
+
+
 def matches(selector: Selector, path: Path, x: Any) -> bool:
-    """Whether `selector` takes the parameter `x` at `path`."""
+    """Whether `selector` takes the parameter `x` at `path`.
+
+    Examples:
+        >>> from composeopt.tree import Path
+        >>> torch_name = Path("params['layer1.bias']", ("layer1.bias",))
+        >>> matches("*/bias", torch_name, None), matches("layer1.*", torch_name, None)
+        (True, True)
+    """
     key = path.key if isinstance(path, Path) else str(path)
     if isinstance(selector, str):
-        return fnmatch.fnmatchcase(key, selector)
+        return fnmatch.fnmatchcase(_separated(key), _separated(selector))
     if isinstance(selector, re.Pattern):
         return selector.search(key) is not None
     if callable(selector):
         return bool(selector(path, x))
     return any(matches(pattern, path, x) for pattern in selector)
+
+
+_assigned: weakref.WeakValueDictionary[int, Groups] = weakref.WeakValueDictionary()
+"""The `Groups` that have been given parameters (by a step, or by a checkpoint comparing its
+states): only the first parameters are checked against every selector.  Kept outside the
+rules, whose attributes are their settings (a copy of a rule has not been given any)."""
 
 
 def _described(selector: Selector) -> list[Any]:
@@ -63,15 +86,32 @@ class Groups(Rule):
         *groups: `(selector, rule)` pairs (see [Selector][composeopt.groups.Selector]), tried in order.
         default: the rule for parameters no selector takes; without one, such
             a parameter is an error naming its path.
+        allow_empty: let a group take no parameter.  Otherwise the first step
+            that gives this `Groups` parameters raises
+            [TreeStructureError][composeopt.errors.TreeStructureError] naming
+            each selector that takes none of them, so that a pattern written for
+            other names (`"*/bias"` where there is no bias) is not silently a
+            group of nothing.  Only that step's parameters count: frozen ones
+            and those with a `None` gradient are not given to it.
 
     A parameter's group is decided when its state is created (its first step)
     and kept in its state `(group_index, rule_state)`.  `opt[k]` is the
     rule of group `k`; `opt.default` the default rule.
+
+    Examples:
+        >>> import numpy as np, composeopt as co
+        >>> params = {"0.weight": np.ones(2), "0.bias": np.ones(1)}  # torch's names
+        >>> opt = co.Groups(("*/bias", co.Descent(0.0)), default=co.Descent(0.5))
+        >>> _ = co.update_(opt, params, {"0.weight": np.ones(2), "0.bias": np.ones(1)})
+        >>> print(params["0.weight"], params["0.bias"])
+        [0.5 0.5] [1.]
     """
 
     fallible = False
 
-    def __init__(self, *groups: tuple[Selector, Rule], default: Rule | None = None) -> None:
+    def __init__(
+        self, *groups: tuple[Selector, Rule], default: Rule | None = None, allow_empty: bool = False
+    ) -> None:
         for position, group in enumerate(groups):
             if not (isinstance(group, tuple) and len(group) == 2 and isinstance(group[1], Rule)):
                 raise TypeError(f"Groups: argument {position} must be a (selector, rule) pair, got {group!r}")
@@ -79,6 +119,7 @@ class Groups(Rule):
             raise TypeError(f"Groups: default must be a composeopt Rule, got {type(default).__name__}")
         self.groups: tuple[tuple[Selector, Rule], ...] = groups
         self.default = default
+        self.allow_empty = bool(allow_empty)
 
     @property
     def assigns(self) -> bool:  # type: ignore[override]
@@ -97,21 +138,47 @@ class Groups(Rule):
         return len(self.groups)
 
     def init(self, x: Any) -> tuple[int, Any]:
-        state: tuple[int, Any] = self.init_tree_([x], [Path()])[0]
+        # One array is not the tree: the other groups are empty here, and that is no error.
+        state: tuple[int, Any] = self._assign([x], [Path()], check=False)[0]
         return state
 
     def init_tree_(self, xs: Sequence[Any], paths: Sequence[str]) -> list[Any]:
-        indices = [
-            self._group_of(x, path if isinstance(path, Path) else Path(path)) for x, path in zip(xs, paths)
-        ]
+        first = _assigned.get(id(self)) is not self
+        states = self._assign(xs, paths, check=first and not self.allow_empty)
+        if first and xs:
+            _assigned[id(self)] = self
+        return states
+
+    def _assign(self, xs: Sequence[Any], paths: Sequence[str], check: bool) -> list[Any]:
+        named = [path if isinstance(path, Path) else Path(path) for path in paths]
+        indices = [self._group_of(x, path) for x, path in zip(xs, named)]
+        if check and xs:
+            self._check_every_group_takes_some(set(indices), named)
         states: list[Any] = [None] * len(xs)
         rules = self._rules()
         for index in set(indices):
             members = [i for i, k in enumerate(indices) if k == index]
-            inner = rules[index].init_tree_([xs[i] for i in members], [paths[i] for i in members])
+            inner = rules[index].init_tree_([xs[i] for i in members], [named[i] for i in members])
             for i, state in zip(members, inner):
                 states[i] = (index, state)
         return states
+
+    def _check_every_group_takes_some(self, taken: set[int], paths: Sequence[Path]) -> None:
+        empty = [index for index in range(len(self.groups)) if index not in taken]
+        if not empty:
+            return
+        named = [f"{self.groups[index][0]!r} of group {index}" for index in empty]
+        if len(named) == 1:
+            which = f"the selector {named[0]} takes"
+        else:
+            which = f"the selectors {', '.join(named)} take"
+        shown = ", ".join(map(str, paths[:3])) + (", ..." if len(paths) > 3 else "")
+        raise TreeStructureError(
+            f"Groups: {which} none of the {len(paths)} parameters of the first step "
+            f"({shown}). A glob matches the whole key path, with '/' or '.' between keys "
+            "('layer1/W', 'layer1.weight', '*.bias'); pass allow_empty=True to allow a group that "
+            "takes nothing (frozen parameters and those with a None gradient do not count)"
+        )
 
     def apply_(self, state: Any, x: Any, dx: Any) -> Any:
         index, inner = state
@@ -162,10 +229,16 @@ class Groups(Rule):
         parts = [f"({selector!r}, {rule!r})" for selector, rule in self.groups]
         if self.default is not None:
             parts.append(f"default={self.default!r}")
+        if self.allow_empty:
+            parts.append("allow_empty=True")
         return f"Groups({', '.join(parts)})"
 
     def __eq__(self, other: object) -> bool:
         if type(other) is not type(self):
             return NotImplemented
         assert isinstance(other, Groups)
-        return self.groups == other.groups and self.default == other.default
+        return (
+            self.groups == other.groups
+            and self.default == other.default
+            and self.allow_empty == other.allow_empty
+        )
