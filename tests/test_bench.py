@@ -69,3 +69,12 @@ def test_gpu_sets_run_and_report_copy_bandwidth(tmp_path, capsys):
     assert gpu["floor"]["copy_GB/s"] > 0 and gpu == report["gpu"]
     assert {row["impl"] for row in gpu["results"]} >= {"composeopt fused (CuPy)", "composeopt generic (CuPy)"}
     assert all(row["of_copy_bandwidth"] > 0 for row in gpu["results"])
+
+
+def test_the_torch_adapter_row_times_both_optimizers():
+    pytest.importorskip("torch")
+    from composeopt.bench import adapter
+
+    row = adapter.adapter_report(scale=1 / 256, reps=2)
+    assert row["tensors"] == 8 and row["composeopt_ms"] > 0 and row["torch_fused_ms"] > 0
+    assert "torch.optim.Adam(fused=True)" in adapter.adapter_line(row)

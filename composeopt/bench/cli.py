@@ -9,7 +9,7 @@ import os
 import platform
 from typing import Any
 
-from . import gpu
+from . import adapter, gpu
 from .peers import implementations
 from .report import head_to_head_line, table
 from .sets import BYTES_PER_ELEMENT, SETS
@@ -76,6 +76,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if all(name in impls for name in pair) and (only is None or any(word in pair[0] for word in only)):
             report["head_to_head"] = head_to_head(sets, impls[pair[0]], impls[pair[1]], scale, reps)
             print(head_to_head_line(report["head_to_head"]))
+        if adapter.available() and (only is None or "torch" in only):
+            report["torch_adapter"] = adapter.adapter_report(scale, reps)
+            print(adapter.adapter_line(report["torch_adapter"]))
     if args.device == "gpu" and not gpu.gpu_available():
         parser.error("--device gpu: CuPy sees no GPU")
     if args.device in ("auto", "gpu") and gpu.gpu_available():
