@@ -221,20 +221,22 @@ def test_a_zero_d_leaf_steps_as_the_same_value_of_shape_1(backend, case, dtype):
         co.update_(opt_one, one, quadratic_grads(backend, one))
     assert zero_d["s"].shape == ()
     # NumPy 1.x computes float32 0-d values as float64 scalars (value-based casting), so there
-    # the two may differ in the last bit; a lost update is off by far more.
-    ulps = (
-        4 * np.finfo(dtype).eps if np.lib.NumpyVersion(np.__version__) < "2.0.0" and dtype == "float32" else 0
-    )
+    # the two drift apart by rounding (LBFGS compounds it); a lost update is off by far more.
+    old_numpy = np.lib.NumpyVersion(np.__version__) < "2.0.0" and dtype == "float32"
+    ulps = 1e-3 if old_numpy else 0
     for key in zero_d:
         got = backend.to_numpy(zero_d[key]).reshape(one[key].shape)
-        np.testing.assert_allclose(got, backend.to_numpy(one[key]), rtol=ulps, atol=ulps, err_msg=key)
+        np.testing.assert_allclose(got, backend.to_numpy(one[key]), rtol=ulps, atol=ulps / 100, err_msg=key)
     ours_all = state_arrays(co.state_store(opt_zero_d).get(zero_d["s"]))
     theirs_all = state_arrays(co.state_store(opt_one).get(one["s"]))
     assert len(ours_all) == len(theirs_all)
     for ours, theirs in zip(ours_all, theirs_all):
         assert ours.dtype == theirs.dtype
         np.testing.assert_allclose(
-            backend.to_numpy(ours).reshape(-1), backend.to_numpy(theirs).reshape(-1), rtol=ulps, atol=ulps
+            backend.to_numpy(ours).reshape(-1),
+            backend.to_numpy(theirs).reshape(-1),
+            rtol=ulps,
+            atol=ulps / 100,
         )
 
 
