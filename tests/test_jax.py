@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import io
 import re
+import sys
+import types
 from pathlib import Path
 from typing import Any
 
@@ -345,18 +348,42 @@ def test_checkpoint_paths_of_registered_nodes_round_trip(tmp_path):
 BLOCK = re.compile(r"^```py\n(.*?)^```$", re.S | re.M)
 
 
-def test_code_on_the_jax_page_runs():
+def test_code_on_the_jax_page_runs(monkeypatch):
     blocks = BLOCK.findall(PAGE.read_text(encoding="utf-8"))
     assert len(blocks) >= 3
-    namespace: dict[str, Any] = {"__name__": "page_jax"}
+    page = types.ModuleType("page_jax")  # a real module: dataclasses look their module up
+    monkeypatch.setitem(sys.modules, page.__name__, page)
+    namespace = page.__dict__
     for number, code in enumerate(blocks, start=1):
         output = io.StringIO()
         with contextlib.redirect_stdout(output):
-            exec(compile(code, f"docs/pages/jax.md, py block {number}", "exec"), namespace)
-        commented = [line.split("  # ", 1)[1] for line in code.splitlines() if line.startswith("print(")]
+            # dont_inherit: the page's code is run as written, without this module's __future__ imports
+            exec(compile(code, f"docs/pages/jax.md, py block {number}", "exec", dont_inherit=True), namespace)
+        # Every print, at any depth, is followed by a comment that starts with what it prints.
+        commented = [
+            line.split("  # ", 1)[1] for line in code.splitlines() if line.lstrip().startswith("print(")
+        ]
         printed = output.getvalue().splitlines()
         assert len(printed) == len(commented), f"block {number} printed {printed}"
         for got, comment in zip(printed, commented):
             assert comment.startswith(got.rstrip()), (
                 f"block {number}: printed {got!r}, the comment says {comment!r}"
             )
+
+
+def test_the_timed_comparison_takes_the_same_steps_as_optax(monkeypatch):
+    pytest.importorskip("optax")
+    monkeypatch.syspath_prepend(str(PAGE.parents[1] / "examples"))
+    for name in ("jax_mlp", "numpy_mlp"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    example = importlib.import_module("jax_mlp")
+    compared = example.compare_with_optax(steps=10)
+    assert set(compared["ms_per_step"]) == {"composeopt, eager", "optax, eager", "optax, jax.jit"}
+    assert all(ms > 0 for ms in compared["ms_per_step"].values())
+    runs = compared["params"]
+    for name in runs["optax, jax.jit"]:
+        reference = np.asarray(runs["optax, eager"][name])
+        np.testing.assert_allclose(
+            np.asarray(runs["composeopt, eager"][name]), reference, rtol=1e-4, atol=1e-5
+        )
+        np.testing.assert_allclose(np.asarray(runs["optax, jax.jit"][name]), reference, rtol=1e-4, atol=1e-5)
