@@ -8,13 +8,14 @@ caller already imported.
 
 from __future__ import annotations
 
+import sys
 from types import ModuleType
 from typing import Any
 
 import array_api_compat
 import numpy as np
 
-__all__ = ["namespace", "is_array", "backend_name", "eps_for", "copy"]
+__all__ = ["namespace", "is_array", "is_tracer", "backend_name", "eps_for", "copy"]
 
 # Float16 cannot hold 1e-8: an epsilon that rounds to zero turns Adam's 0/0 into NaN
 # on zero gradients.  The floor is the value Optimisers.jl uses for Float16.
@@ -48,6 +49,13 @@ def is_array(obj: Any) -> bool:
     if type(obj) is np.ndarray:
         return True
     return array_api_compat.is_array_api_obj(obj) and not isinstance(obj, np.generic)
+
+
+def is_tracer(obj: Any) -> bool:
+    """Whether `obj` is a JAX tracer: the abstract stand-in for an array that `jax.jit`,
+    `jax.vmap` and `jax.grad` pass to the function they transform (JAX is not imported here)."""
+    jax = sys.modules.get("jax")
+    return jax is not None and isinstance(obj, jax.core.Tracer)
 
 
 def backend_name(obj: Any) -> str:

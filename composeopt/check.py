@@ -3,9 +3,10 @@
 Every path of a step (generic, fused, batched) starts from what `collect` returns,
 and nothing is written before it has looked at every leaf: structure, array modules
 and devices, dtypes, shapes (also against the shape the parameter had when its state
-was made), and, for an in-place step, writability and memory: a parameter that
-shares memory with another, or whose elements overlap each other, cannot be updated
-in place.  Each error starts with the parameter's path.
+was made), JAX tracers (a step inside `jax.jit` would lose its state), and, for an
+in-place step, writability and memory: a parameter that shares memory with another,
+or whose elements overlap each other, cannot be updated in place.  Each error starts
+with the parameter's path.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 import array_api_compat
 import numpy as np
 
-from ._dispatch import backend_name, is_array, namespace
+from ._dispatch import backend_name, is_array, is_tracer, namespace
 from ._memory import extent, first_overlap, overlaps_itself, owns_memory
 from .errors import AliasingError, ShapeMismatchError, UnsupportedArrayError
 from .store import StateStore
@@ -54,6 +55,10 @@ def collect(store: StateStore, params: Any, grads: Any, *, copy: bool, in_place:
     by_id: dict[int, Leaf] = {}
     reference: tuple[str, Any, Any] | None = None  # the first parameter, and its namespace
     for path, x, g in zip_leaves(params, grads):
+        if type(x) is not np.ndarray and is_tracer(x):
+            _refuse_tracer(path, "parameter")
+        if type(g) is not np.ndarray and is_tracer(g):
+            _refuse_tracer(path, "gradient")
         if frozen and x in frozen:
             continue
         xp = namespace(x)
@@ -88,6 +93,18 @@ def collect(store: StateStore, params: Any, grads: Any, *, copy: bool, in_place:
 def as_array(value: Any) -> Any:
     """NumPy turns 0-d results into scalars (`np.float64`); make them arrays again."""
     return np.asarray(value) if isinstance(value, np.generic) else value
+
+
+def _refuse_tracer(path: str, role: str) -> None:
+    # The optimiser's state lives in Python objects between calls.  A transformed function
+    # runs its Python once, to trace it: the state it reads is baked into the compiled
+    # function as constants, and the state it makes is never seen again.
+    raise UnsupportedArrayError(
+        f"{path}: {role} is a JAX tracer, so composeopt was called inside jax.jit, vmap or grad, "
+        "where its optimiser state cannot change from one call to the next; call composeopt."
+        "update outside the transformed function (jit only the gradient function, e.g. "
+        "jax.jit(jax.grad(loss)), and update eagerly), or use optax for a jitted training loop"
+    )
 
 
 def _kind_of(xp: Any, dtype: Any) -> str:
