@@ -85,7 +85,8 @@ def update_(opt: Rule, params: T, grads: Any) -> T:
     Args:
         opt: a rule or a chain of rules ([Optimiser][composeopt.Optimiser]).
         params: an array or a tree of arrays (dicts, lists, tuples, namedtuples,
-            nested), all from one array module; updated in place.
+            dataclasses, JAX-registered pytree nodes, nested), all from one array
+            module; updated in place.
         grads: the same structure as `params`, with `None` wherever a parameter
             (or a whole subtree) is to be left alone this step.
 
