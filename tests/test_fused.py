@@ -25,32 +25,15 @@ from composeopt.registry import CASES, RULES
 HAS_NUMBA = importlib.util.find_spec("numba") is not None
 
 GENERIC_ONLY = {
-    # ClipNorm(throw=True) may raise after other parameters were updated; only the generic
-    # path can undo a step, so chains holding it take that path.
-    "ClipNorm()": "fallible",
-    "Optimiser(ClipNorm, WeightDecay, Adam)": "fallible",
-    # Groups route parameters by path to different rules; they take the generic path.
-    "Groups(b: Adam, default: AdamW)": "parameter groups",
-    "Optimiser(ClipGlobalNorm, Groups(W: Momentum, default: Descent))": "parameter groups",
     # Rules that decide per step whether (and how) a parameter changes.
     "AccumGrad(2)": "skips steps",
     "Optimiser(AccumGrad(3), Adam)": "skips steps",
     "Optimiser(ClipValue, AccumGrad(2), ClipGlobalNorm, Momentum)": "skips steps",
-    "SkipNonFinite(Adam)": "skips steps",
-    "SkipNonFinite(Optimiser(ClipGlobalNorm, Momentum), max_consecutive=3)": "skips steps",
     "MixedPrecision(Adam)": "master copy",
     "MixedPrecision(Optimiser(WeightDecay, Momentum), float64)": "master copy",
     # The kernel language has no power function: FTRL's fast path is lr_power = -1/2 (a sqrt).
     "FTRL(lr_power=-0.7)": "FTRL with a power other than -1/2",
     # Layer-wise and factored rules reduce over each array between reading dx and writing.
-    "Lamb()": "per-array reduction",
-    "Lamb(lambda_=0.01)": "per-array reduction",
-    "Lars()": "per-array reduction",
-    "Lars(lambda_=1e-3, epsilon=1e-8, nesterov=True)": "per-array reduction",
-    "Novograd()": "per-array reduction",
-    "Novograd(lambda_=1e-3)": "per-array reduction",
-    "Fromage()": "per-array reduction",
-    "Fromage(min_norm=0.0)": "per-array reduction",
     "GradCentralization()": "per-array reduction",
     "Optimiser(GradCentralization, Adam)": "per-array reduction",
     "Adafactor()": "per-array reduction",
@@ -61,7 +44,7 @@ GENERIC_ONLY = {
     # Lookahead wraps another rule and sets parameters to its slow weights (Replace) every k steps.
     "Lookahead(Adam)": "wrapper returning Replace",
     "Lookahead(Optimiser(ClipGlobalNorm, Momentum(rho=Linear)), k=3)": "wrapper returning Replace",
-    "Groups(W: Lookahead(Momentum), default: Descent)": "parameter groups",
+    "Groups(W: Lookahead(Momentum), default: Descent)": "wrapper returning Replace",
     # Muon: a Frobenius norm and matrix products per array (Newton-Schulz), not elementwise.
     "Muon()": "reductions and matrix products",
     "Muon(nesterov=False, lambda_, match_rms_adamw, fallback=Optimiser)": "reductions and matrix products",

@@ -7,12 +7,13 @@ from typing import Any
 import numpy as np
 from numba import njit
 
-__all__ = ["power", "combine_max"]
+__all__ = ["power", "combine", "combine_max"]
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc"})
 def power(lo: int, hi: int, a: Any, p: float, kind: int) -> float:  # pragma: no cover - compiled
-    """Over `a[lo:hi]`, in float64: kind 0 `sum a²`, 1 `sum |a|`, 2 `max |a|`, 3 `sum |a|^p`.
+    """Over `a[lo:hi]`, in float64: kind 0 `sum a²`, 1 `sum |a|`, 2 `max |a|`, 3 `sum |a|^p`,
+    4 `sum a·0` (0 if every element is finite, else NaN).
 
     Only the sums may be reordered (vectorised); NaN still propagates."""
     a = a[lo:hi]
@@ -31,10 +32,21 @@ def power(lo: int, hi: int, a: Any, p: float, kind: int) -> float:  # pragma: no
                 total = v
             if total != total:
                 break
-    else:
+    elif kind == 3:
         for i in range(a.shape[0]):
             total += abs(np.float64(a[i])) ** p
+    else:
+        for i in range(a.shape[0]):
+            total += np.float64(a[i]) * 0.0
     return total
+
+
+@njit(cache=True, nogil=True)
+def combine(total: float, part: float, kind: int) -> float:  # pragma: no cover - compiled
+    """Two partial results of `power` as one (the larger for kind 2, NaN-propagating)."""
+    if kind != 2:
+        return total + part
+    return part if (part > total or part != part) and total == total else total
 
 
 def combine_max(parts: Any) -> float:

@@ -24,9 +24,9 @@ from typing import Any
 
 import cupy
 
-from ..rules._math import norm_from_power, norm_power
 from .codegen import RuleNames, renamed, rule_names
 from .kernel import Kernel
+from .reduce import FINITE, Measure
 
 __all__ = ["CupyBackend", "stage_kernel", "cuda_expression"]
 
@@ -135,22 +135,33 @@ class CupyBackend:
         cast = cupy.dtype(dtype).type
         return ([cast(value) for value in values], scale)
 
-    def run_stage(self, kernels: tuple[Kernel, ...], scaled: bool, to_x: bool, jobs: list[Any]) -> None:
+    def run_stage(
+        self,
+        kernels: tuple[Kernel, ...],
+        scaled: bool,
+        to_x: bool,
+        jobs: list[Any],
+        measures: Sequence[Measure] = (),
+    ) -> list[list[float]]:
         kernel = stage_kernel(kernels, scaled, to_x)
         for g, x, out, (scalars, scale), *states in jobs:
             inputs = [g, *([scale] if scaled else []), *scalars]
             outputs = [x, *([] if to_x else [out]), *states]
             kernel(*inputs, *outputs)
+        columns = [self.measure([job[2] if m.of == "d" else job[1] for job in jobs], m.p) for m in measures]
+        return [list(row) for row in zip(*columns)] if columns else [[] for _ in jobs]
 
-    def clip_scales(self, sources: Sequence[Any], omega: float, p: float, joint: bool) -> list[Any]:
-        powers = [norm_power(cupy, source, p) for source in sources]
-        if joint:
-            total = powers[0]
-            for power in powers[1:]:
-                total = cupy.maximum(total, power) if p == math.inf else total + power
-            powers = [total] * len(sources)
-        scales = []
-        for source, power in zip(sources, powers):
-            norm = norm_from_power(cupy, power, p)
-            scales.append((omega / cupy.maximum(norm, omega)).astype(source.dtype))
-        return scales
+    def measure(self, arrays: Sequence[Any], p: float | str) -> list[float]:
+        """Each array's measure on the device, stacked and read by the host once."""
+        if not arrays:
+            return []
+        if p == FINITE:
+            parts = [cupy.sum(a.astype(cupy.float64) * 0.0) for a in arrays]
+        elif p == math.inf:
+            parts = [
+                cupy.max(cupy.abs(a)).astype(cupy.float64) if a.size else cupy.zeros((), cupy.float64)
+                for a in arrays
+            ]
+        else:
+            parts = [cupy.sum(cupy.abs(a.astype(cupy.float64)) ** float(p)) for a in arrays]
+        return [float(value) for value in cupy.stack(parts).get()]

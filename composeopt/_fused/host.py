@@ -2,30 +2,17 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from .kernel import Kernel
+from .reduce import Measure
 
-__all__ = ["NumbaBackend", "NumpyBackend", "clip_scale"]
+__all__ = ["NumbaBackend", "NumpyBackend"]
 
 _DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
-
-
-def clip_scale(norm: float, omega: float) -> float:
-    """`omega / max(norm, omega)` with NumPy's NaN-propagating maximum."""
-    return omega / (norm if (norm > omega or norm != norm) else omega)
-
-
-def norm_from_power(power: float, p: float) -> float:
-    if p == math.inf or p == 1:
-        return power
-    if p == 2:
-        return math.sqrt(power)
-    return float(power ** (1 / p))
 
 
 class _HostBackend:
@@ -63,26 +50,27 @@ class _HostBackend:
         """The stage's scalars (and a clip's scale), cast to the arrays' dtype as NumPy casts them."""
         return np.array(values if scale is None else [*values, scale], dtype=dtype)
 
-    def powers(self, sources: Sequence[Any], p: float) -> list[float]:
+    def measure(self, arrays: Sequence[Any], p: float | str) -> list[float]:
+        """Per array, in float64: `sum |a|^p` (`max |a|` for `p = inf`), or the finite flag
+        (0.0 if every element is finite, else NaN) for `FINITE`."""
         raise NotImplementedError
 
-    def clip_scales(self, sources: Sequence[Any], omega: float, p: float, joint: bool) -> list[float]:
-        # Summed in float64 here, but a power that the generic path, summing in the arrays' own
-        # dtype (as torch and optax do), finds too big to hold is infinite here too: the same
-        # norm, give or take the order of the sum, and so the same clip.
-        powers = [
-            math.inf if power > np.finfo(source.dtype).max else power  # NaN stays NaN
-            for power, source in zip(self.powers(sources, p), sources)
-        ]
-        if not joint:
-            return [clip_scale(norm_from_power(power, p), omega) for power in powers]
-        if p == math.inf:
-            total = max(powers, default=0.0) if not any(power != power for power in powers) else math.nan
-        else:
-            total = math.fsum(powers) if all(math.isfinite(power) for power in powers) else sum(powers)
-            if sources and total > max(np.finfo(source.dtype).max for source in sources):
-                total = math.inf
-        return [clip_scale(norm_from_power(total, p), omega)] * len(sources)
+    def run_stage(
+        self,
+        kernels: tuple[Kernel, ...],
+        scaled: bool,
+        to_x: bool,
+        jobs: list[Any],
+        measures: Sequence[Measure] = (),
+    ) -> list[list[float]]:
+        """Run the stage over every job `(g, x, out, k, *state)`; then, per job, each measure of
+        its output `out` or its parameter `x` (which a stage that writes `out` leaves alone)."""
+        self._run(kernels, scaled, to_x, jobs)
+        columns = [self.measure([job[2] if m.of == "d" else job[1] for job in jobs], m.p) for m in measures]
+        return [list(row) for row in zip(*columns)] if columns else [[] for _ in jobs]
+
+    def _run(self, kernels: tuple[Kernel, ...], scaled: bool, to_x: bool, jobs: list[Any]) -> None:
+        raise NotImplementedError
 
 
 class NumbaBackend(_HostBackend):
@@ -93,12 +81,27 @@ class NumbaBackend(_HostBackend):
 
         self._compiled = numba_backend
 
-    def run_stage(self, kernels: tuple[Kernel, ...], scaled: bool, to_x: bool, jobs: list[Any]) -> None:
+    def run_stage(
+        self,
+        kernels: tuple[Kernel, ...],
+        scaled: bool,
+        to_x: bool,
+        jobs: list[Any],
+        measures: Sequence[Measure] = (),
+    ) -> list[list[float]]:
+        if not measures:
+            self._run(kernels, scaled, to_x, jobs)
+            return [[] for _ in jobs]
+        # Measured as it is written, block by block while the block is in cache.
+        function = self._compiled.measured_stage_function(kernels, scaled)
+        return self._compiled.run_measured_stage(function, jobs, measures)
+
+    def _run(self, kernels: tuple[Kernel, ...], scaled: bool, to_x: bool, jobs: list[Any]) -> None:
         function = self._compiled.stage_function(kernels, scaled, to_x)
         self._compiled.run_stage(function, jobs)
 
-    def powers(self, sources: Sequence[Any], p: float) -> list[float]:
-        return self._compiled.powers(sources, p)
+    def measure(self, arrays: Sequence[Any], p: float | str) -> list[float]:
+        return self._compiled.powers(arrays, p)
 
 
 class NumpyBackend(_HostBackend):
@@ -109,9 +112,9 @@ class NumpyBackend(_HostBackend):
 
         self._blocked = numpy_backend
 
-    def run_stage(self, kernels: tuple[Kernel, ...], scaled: bool, to_x: bool, jobs: list[Any]) -> None:
+    def _run(self, kernels: tuple[Kernel, ...], scaled: bool, to_x: bool, jobs: list[Any]) -> None:
         program = self._blocked.stage_program(kernels, scaled, to_x)
         self._blocked.run_stage(program, jobs)
 
-    def powers(self, sources: Sequence[Any], p: float) -> list[float]:
-        return self._blocked.powers(sources, p)
+    def measure(self, arrays: Sequence[Any], p: float | str) -> list[float]:
+        return self._blocked.powers(arrays, p)

@@ -22,6 +22,7 @@ import numpy as np
 
 from .codegen import RuleNames, rule_names, scalar_count
 from .kernel import Kernel
+from .reduce import FINITE
 from .threads import run_chunks
 
 __all__ = ["BLOCK_BYTES", "stage_program", "run_stage", "powers"]
@@ -233,8 +234,9 @@ def run_stage(program: Program, jobs: Sequence[tuple[Any, ...]]) -> None:
     run_chunks(work, [len(job[0]) for job in jobs])
 
 
-def powers(sources: Sequence[Any], p: float) -> list[float]:
-    """`sum |a|^p` (`max |a|` for `p = inf`) of each array, summed in float64."""
+def powers(sources: Sequence[Any], p: float | str) -> list[float]:
+    """`sum |a|^p` (`max |a|` for `p = inf`, the finite flag for `FINITE`) of each array,
+    summed in float64."""
 
     def work(index: int, lo: int, hi: int) -> float:
         a = sources[index]
@@ -243,6 +245,10 @@ def powers(sources: Sequence[Any], p: float) -> list[float]:
         total = 0.0
         for start in range(lo, hi, step):
             stop = min(hi, start + step)
+            if p == FINITE:
+                part = np.multiply(a[start:stop], 0, out=block[: stop - start])
+                total += float(np.sum(part, dtype=np.float64))
+                continue
             part = np.absolute(a[start:stop], out=block[: stop - start])
             if p == math.inf:
                 largest = float(np.max(part)) if part.size else 0.0  # NaN if any is NaN

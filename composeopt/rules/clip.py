@@ -9,13 +9,50 @@ from typing import Any
 from array_api_compat import device
 
 from .._dispatch import namespace
-from .._fused.kernel import Kernel, NormClip
+from .._fused.kernel import Kernel
+from .._fused.reduce import Measure, Outcome, Reduce, Staged, capped, clip_scale, joint_power, norm_of
 from ..errors import NonFiniteError, UnsupportedArrayError
 from ..hyper import Hyper, flag, nonnegative, norm_order, positive
 from ..rule import Rule
 from ._math import clamp, norm_from_power, norm_power
 
 __all__ = ["ClipValue", "ClipGrad", "ClipNorm", "ClipGlobalNorm"]
+
+
+_SCALE = Kernel("return dx * scale", lambda rule, state, dtype: {})
+"""The kernel after a norm clip's reduction: `scale` is what its `finish` gives each array."""
+
+
+def _finish_per_array(
+    rule: Any,
+    states: Sequence[Any],
+    values: Sequence[Sequence[float]],
+    dtypes: Sequence[Any],
+    paths: Sequence[str],
+) -> Outcome:
+    scalars = []
+    for (power,), dtype, path in zip(values, dtypes, paths):
+        norm = norm_of(capped(power, dtype), rule.p)
+        if rule.throw and not math.isfinite(norm):
+            raise NonFiniteError(f"{path}: gradient has {rule.p}-norm {norm}")
+        scalars.append({"scale": clip_scale(norm, rule.omega)})
+    return Outcome(scalars)
+
+
+def _finish_joint(
+    rule: Any,
+    states: Sequence[Any],
+    values: Sequence[Sequence[float]],
+    dtypes: Sequence[Any],
+    paths: Sequence[str],
+) -> Outcome:
+    powers = [capped(power, dtype) for (power,), dtype in zip(values, dtypes)]
+    scale = clip_scale(norm_of(joint_power(powers, rule.p, dtypes), rule.p), rule.omega)
+    return Outcome([{"scale": scale}] * len(values))
+
+
+def _measure_norm(rule: Any) -> tuple[Measure, ...]:
+    return (Measure("d", rule.p),)
 
 
 def _scale_down(xp: Any, dx: Any, norm: Any, omega: float) -> Any:
@@ -86,7 +123,8 @@ class ClipNorm(Rule):
     omega: Hyper[float] = Hyper(default=10.0, check=positive)
     p: Hyper[float] = Hyper(default=2, check=norm_order)
     throw: Hyper[bool] = Hyper(default=True, check=flag)
-    _kernel = NormClip("array")  # when it cannot fail (throw=False)
+    # Its norms before any rule writes state: a non-finite one raises with nothing changed.
+    _kernel = Staged(Reduce(_measure_norm, _finish_per_array, decisive=lambda rule: bool(rule.throw)), _SCALE)
 
     @property
     def fallible(self) -> bool:  # type: ignore[override]
@@ -133,7 +171,7 @@ class ClipGlobalNorm(Rule):
     fallible = False
     omega: Hyper[float] = Hyper(check=positive)
     p: Hyper[float] = Hyper(default=2, check=norm_order)
-    _kernel = NormClip("tree")
+    _kernel = Staged(Reduce(_measure_norm, _finish_joint, scope="tree"), _SCALE)
 
     def apply_(self, state: Any, x: Any, dx: Any) -> Any:
         return self.apply_tree_([state], [x], [dx], ["params"])[0]

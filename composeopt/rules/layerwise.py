@@ -1,23 +1,35 @@
 """Layer-wise rules: each array's step is scaled by a norm of that whole array.
 
 The norms stay 0-d arrays on the array's device and are combined with
-`xp.where`, so these rules never wait for the GPU.  They have no fused fast
-path: a reduction over the array sits between reading the gradient and
-writing the update.
+`xp.where`, so these rules never wait for the GPU.  Their fast paths are
+staged: a reduction over each array (its norm, and the update's) sits
+between the kernel that makes the update and the one that scales it.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any
 
+import numpy as np
 from array_api_compat import device
 
 from .._dispatch import copy, eps_for, namespace
+from .._fused.kernel import Kernel
+from .._fused.reduce import Measure, Outcome, Reduce, Staged
 from ..hyper import Hyper, HyperTuple, beta_pair, flag, nonnegative, unit_interval
 from ..rule import Rule, State
-from ._math import bias_corrected_direction, ema, norm_from_power, norm_power, widened
+from ._math import (
+    DIRECTION,
+    bias_corrected_direction,
+    ema,
+    norm_from_power,
+    norm_power,
+    widened,
+)
+from .adam import _MOMENTS, _moment_scalars
 
 __all__ = ["Lamb", "Lars", "Novograd", "Fromage", "GradCentralization"]
 
@@ -27,20 +39,58 @@ def _norm(xp: ModuleType, a: Any) -> Any:
     return norm_from_power(xp, norm_power(xp, a, 2), 2)
 
 
-def _trust_scaled(
-    xp: ModuleType, u: Any, x: Any, coefficient: float = 1.0, eps: float = 0.0, min_norm: float = 0.0
+def _trust_ratio(
+    xp: ModuleType,
+    x_norm: Any,
+    u_norm: Any,
+    coefficient: float = 1.0,
+    eps: float = 0.0,
+    min_norm: float = 0.0,
 ) -> Any:
-    """`u · c ‖x‖ / (‖u‖ + eps)`, each norm at least `min_norm`, and `u` unscaled where a norm is 0.
+    """`c ‖x‖ / (‖u‖ + eps)`, each norm at least `min_norm`, and 1 where a norm is 0.
 
     This is optax's `scale_by_trust_ratio`: a zero parameter (a fresh bias) or a zero
     update keeps its step instead of getting none (or a NaN).
     """
-    x_norm = xp.maximum(_norm(xp, x), min_norm)
-    u_norm = xp.maximum(_norm(xp, u), min_norm)
+    x_norm = xp.maximum(x_norm, min_norm)
+    u_norm = xp.maximum(u_norm, min_norm)
     degenerate = xp.logical_or(x_norm == 0, u_norm == 0)
     # The inner where keeps 0/0 from being computed (NumPy would warn) where the outer one discards it.
-    ratio = xp.where(degenerate, 1.0, coefficient * x_norm / xp.where(degenerate, 1.0, u_norm + eps))
+    return xp.where(degenerate, 1.0, coefficient * x_norm / xp.where(degenerate, 1.0, u_norm + eps))
+
+
+def _trust_scaled(
+    xp: ModuleType, u: Any, x: Any, coefficient: float = 1.0, eps: float = 0.0, min_norm: float = 0.0
+) -> Any:
+    """`u` times its trust ratio (`_trust_ratio`)."""
+    ratio = _trust_ratio(xp, _norm(xp, x), _norm(xp, u), coefficient, eps, min_norm)
     return u * xp.astype(ratio, u.dtype)
+
+
+_NORMS = (Measure("d", 2), Measure("x", 2))
+
+
+def _finish_trust(settings: Callable[[Any, Any], tuple[float, float, float]]) -> Reduce:
+    """The reduction of a trust ratio: `ratio` for the next kernel, from the measured sums of
+    squares of the update and of `x`; `settings(rule, dtype)` gives `(c, eps, min_norm)`."""
+
+    def finish(
+        rule: Any,
+        states: Sequence[Any],
+        values: Sequence[Sequence[float]],
+        dtypes: Sequence[Any],
+        paths: Sequence[str],
+    ) -> Outcome:
+        scalars = []
+        for (u_power, x_power), dtype in zip(values, dtypes):
+            # The norms as the generic path has them: 0-d arrays of the parameter's dtype.
+            x_norm = np.sqrt(np.asarray(x_power, dtype=dtype))
+            u_norm = np.sqrt(np.asarray(u_power, dtype=dtype))
+            ratio = _trust_ratio(np, x_norm, u_norm, *settings(rule, dtype))
+            scalars.append({"ratio": float(np.asarray(ratio, dtype=dtype))})
+        return Outcome(scalars)
+
+    return Reduce(lambda rule: _NORMS, finish)
 
 
 class Lamb(Rule):
@@ -85,7 +135,16 @@ class Lamb(Rule):
     beta: HyperTuple[tuple[float, float]] = HyperTuple(default=(0.9, 0.999), check=beta_pair)
     epsilon: Hyper[float] = Hyper(default=1e-6, check=nonnegative)
     lambda_: Hyper[float] = Hyper(default=0.0, check=nonnegative)
-    _kernel = None
+    _kernel = Staged(
+        Kernel(
+            _MOMENTS + f"return {DIRECTION} + lam * x",
+            lambda rule, state, dtype: {**_moment_scalars(rule, state, dtype), "lam": rule.lambda_},
+            state=("mu", "nu"),
+            counter="t",
+        ),
+        _finish_trust(lambda rule, dtype: (1.0, 0.0, 0.0)),
+        Kernel("return eta * (dx * ratio)", lambda rule, state, dtype: {"eta": rule.eta}),
+    )
 
     def init(self, x: Any) -> State:
         xp = namespace(x)
@@ -149,7 +208,23 @@ class Lars(Rule):
     epsilon: Hyper[float] = Hyper(default=0.0, check=nonnegative)
     momentum: Hyper[float] = Hyper(default=0.9, check=unit_interval)
     nesterov: Hyper[bool] = Hyper(default=False, check=flag)
-    _kernel = None
+    _kernel = Staged(
+        Kernel("return dx + lam * x", lambda rule, state, dtype: {"lam": rule.lambda_}),
+        _finish_trust(lambda rule, dtype: (rule.trust_coefficient, eps_for(dtype, rule.epsilon), 0.0)),
+        Kernel(
+            """
+            step = eta * (dx * ratio)
+            v = v * momentum + step
+            return step + momentum * v if nesterov else v
+            """,
+            lambda rule, state, dtype: {
+                "eta": rule.eta,
+                "momentum": rule.momentum,
+                "nesterov": float(rule.nesterov),
+            },
+            state=("v",),
+        ),
+    )
 
     def init(self, x: Any) -> State:
         return State(v=namespace(x).zeros_like(x))
@@ -163,6 +238,26 @@ class Lars(Rule):
         if self.nesterov:
             return step + self.momentum * state.v
         return copy(xp, state.v)
+
+
+def _novograd_moments(
+    rule: Novograd, states: Sequence[Any], values: Sequence[Sequence[float]], dtypes: Sequence[Any]
+) -> Outcome:
+    """Each array's new `nu` from its measured `‖dx‖²`, as `Novograd.apply_` computes it
+    (0-d arrays of the dtype), and `root = sqrt(nu) + eps` for the kernel."""
+    b2 = rule.beta[1]
+    scalars, nus = [], []
+    for state, (power,), dtype in zip(states, values, dtypes):
+        square = np.asarray(power, dtype=dtype)
+        nu = np.asarray(square if state.t == 1 else b2 * state.nu + (1 - b2) * square, dtype=dtype)
+        nus.append(nu)
+        scalars.append({"root": float(np.sqrt(nu) + eps_for(dtype, rule.epsilon))})
+
+    def keep() -> None:
+        for state, nu in zip(states, nus):
+            state.nu = nu
+
+    return Outcome(scalars, keep)
 
 
 class Novograd(Rule):
@@ -207,7 +302,23 @@ class Novograd(Rule):
     beta: HyperTuple[tuple[float, float]] = HyperTuple(default=(0.9, 0.25), check=beta_pair)
     epsilon: Hyper[float] = Hyper(default=1e-6, check=nonnegative)
     lambda_: Hyper[float] = Hyper(default=0.0, check=nonnegative)
-    _kernel = None
+    _kernel = Staged(
+        Reduce(
+            lambda rule: (Measure("d", 2),),
+            lambda rule, states, values, dtypes, paths: _novograd_moments(rule, states, values, dtypes),
+            state_ok=lambda state, x: (
+                type(getattr(state, "nu", None)) is np.ndarray
+                and state.nu.shape == ()
+                and state.nu.dtype == x.dtype
+            ),
+        ),
+        Kernel(
+            "mu = b1 * mu + (dx / root + lam * x)\nreturn eta * mu",
+            lambda rule, state, dtype: {"eta": rule.eta, "b1": rule.beta[0], "lam": rule.lambda_},
+            state=("mu",),
+            counter="t",
+        ),
+    )
 
     def init(self, x: Any) -> State:
         xp = namespace(x)
@@ -260,7 +371,16 @@ class Fromage(Rule):
     fallible = False
     eta: Hyper[float] = Hyper(default=0.01, check=nonnegative)
     min_norm: Hyper[float] = Hyper(default=1e-6, check=nonnegative)
-    _kernel = None
+    _kernel = Staged(
+        _finish_trust(lambda rule, dtype: (1.0, 0.0, rule.min_norm)),
+        Kernel(
+            "return scaled * (dx * ratio) + kept * x",
+            lambda rule, state, dtype: {
+                "scaled": rule.eta * (1 / math.sqrt(1 + rule.eta**2)),
+                "kept": 1 - 1 / math.sqrt(1 + rule.eta**2),
+            },
+        ),
+    )
 
     def apply_(self, state: Any, x: Any, dx: Any) -> Any:
         shrink = 1 / math.sqrt(1 + self.eta**2)

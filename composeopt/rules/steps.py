@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .._dispatch import namespace
+from .._fused.reduce import FINITE, Measure, Outcome, Reduce, Wrapping
 from ..errors import HyperparameterError, NonFiniteError
 from ..hyper import Hyper, positive_int
 from ..rule import Rule, State
@@ -75,6 +76,32 @@ def _max_consecutive(value: Any) -> int | None:
         raise HyperparameterError(f"{err} (or None, never give up)") from None
 
 
+def _decide(
+    rule: SkipNonFinite, states: Sequence[Any], flags: Sequence[Sequence[float]], paths: Sequence[str]
+) -> Outcome:
+    """The fast path's decision, from each gradient's finite flag (0.0, or NaN): as `apply_tree_`."""
+    finite = [flag == 0.0 for (flag,) in flags]
+    if all(finite):
+
+        def restart() -> None:
+            for state in states:
+                state.streak = 0
+
+        return Outcome([{}] * len(states), restart)
+    if rule.max_consecutive is not None and max(s.streak for s in states) >= rule.max_consecutive:
+        first = next(path for path, ok in zip(paths, finite) if not ok)
+        raise NonFiniteError(
+            f"{first}: gradient is not finite, after {rule.max_consecutive} skipped steps in a row"
+        )
+
+    def count() -> None:
+        for state in states:
+            state.skipped += 1
+            state.streak += 1
+
+    return Outcome(None, count)
+
+
 class SkipNonFinite(Wrapper):
     r"""Skip every step whose gradients are not all finite: `SkipNonFinite(inner, max_consecutive=None)`.
 
@@ -110,7 +137,17 @@ class SkipNonFinite(Wrapper):
     """
 
     max_consecutive: Hyper[int | None] = Hyper(default=None, check=_max_consecutive)
-    _kernel = None  # one host read decides the whole step: the generic path
+    _kernel = Wrapping(
+        Reduce(
+            lambda rule: (Measure("d", FINITE),),
+            lambda rule, states, values, dtypes, paths: _decide(rule, states, values, paths),
+            scope="tree",
+            decisive=lambda rule: True,
+            state_ok=lambda state, x: (
+                type(getattr(state, "skipped", None)) is int and type(getattr(state, "streak", None)) is int
+            ),
+        )
+    )
 
     @property
     def fallible(self) -> bool:  # type: ignore[override]

@@ -1,0 +1,240 @@
+"""The executor: one fused step over checked jobs, stage by stage, in three phases.
+
+1. Decide: if some route starts with a decisive reduction (a finite flag that
+   skips the step, a norm that must be finite), every route's first stage is
+   run (they keep no state, the planner sees to it) and every first
+   reduction finished.  An error here leaves nothing changed.
+2. Prepare: the step counters of the jobs that go on are advanced and every
+   kernel's scalars computed.  An error here puts the counters back.
+3. Run: round `r` runs the stage `r` of every job that has a reduction after
+   it (into scratch, measuring as it goes), finishes those reductions (the
+   jobs of a tree-scope reduction together), then runs the last stage of the
+   jobs whose route ends here (writing `x`, or handing the update to a
+   whole-rule kernel).  Nothing here raises but the array library itself.
+
+Jobs running the same kernels in the same round go to the backend in one call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ..store import StateStore
+from .jobs import Job
+from .plan import Boundary, Entry
+
+__all__ = ["run_step", "Declined"]
+
+
+class Declined(Exception):
+    """The jobs cannot take the fast path together (raised before anything changed)."""
+
+
+def run_step(backend: Any, store: StateStore, jobs: list[Job], scratch: Any) -> list[Any]:
+    """Take the step; returns the reductions' commits, to call once it has all been taken."""
+    decided = _decisive(jobs)
+    commits: list[Any] = []
+    scalars = _Scalars(backend)
+    if decided:
+        with_boundary = [job for job in jobs if job.route.boundaries]
+        _measure_and_finish(backend, with_boundary, 0, scalars, scratch, commits)
+    going = [job for job in jobs if not job.skipped]
+    _advance_counters(going, 1)
+    try:
+        for job in going:
+            for position, entry in enumerate(job.route.entries):
+                scalars.named(entry, job, position)
+    except BaseException:
+        _advance_counters(going, -1)
+        raise
+    pending = going
+    number = 0
+    while pending:
+        ahead = [job for job in pending if len(job.route.boundaries) > number]
+        if not (decided and number == 0):
+            _measure_and_finish(backend, ahead, number, scalars, scratch, commits)
+        ending = [job for job in pending if len(job.route.boundaries) == number]
+        _run_last(backend, ending, number, scalars, scratch)
+        pending = [job for job in ahead if not job.skipped]
+        number += 1
+    return commits
+
+
+def _decisive(jobs: Sequence[Job]) -> bool:
+    """Whether a decisive reduction comes first in some route; then every first stage must
+    keep no state (else deciding would come after writing), or the step is declined."""
+    if not any(job.route.decisive for job in jobs):
+        return False
+    for job in jobs:
+        if job.route.boundaries:
+            for entry in job.route.stages[0].entries:
+                if entry.kernel.state or entry.kernel.counter is not None:
+                    raise Declined
+    return True
+
+
+def _advance_counters(jobs: Sequence[Job], by: int) -> None:
+    for job in jobs:
+        for entry, rule_state in zip(job.route.entries, job.entry_states):
+            counter = entry.kernel.counter
+            if counter is not None:
+                setattr(rule_state, counter, getattr(rule_state, counter) + by)
+
+
+class _Scalars:
+    """Each kernel's scalars this step, computed once per (kernel's rule, dtype, counter)."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend = backend
+        self.values: dict[Any, dict[str, float]] = {}
+        self.vectors: dict[Any, Any] = {}
+
+    def named(self, entry: Entry, job: Job, position: int) -> tuple[Any, dict[str, float]]:
+        rule_state = job.entry_states[position]
+        counter = entry.kernel.counter
+        key = (id(entry), job.x.dtype, None if counter is None else getattr(rule_state, counter))
+        values = self.values.get(key)
+        if values is None:
+            values = self.values[key] = dict(entry.kernel.scalars(entry.rule, rule_state, job.x.dtype))
+        return key, values
+
+    def vector(self, job: Job, number: int) -> Any:
+        """The scalars of stage `number`'s kernels for this job, as the backend takes them."""
+        first = sum(len(stage.entries) for stage in job.route.stages[:number])
+        extra = job.extra.get(number)
+        keys, values = [], []
+        for offset, entry in enumerate(job.route.stages[number].entries):
+            key, named = self.named(entry, job, first + offset)
+            if offset == 0 and extra is not None:
+                named = {**named, **extra}
+            keys.append(key)
+            values.extend(float(named[name]) for name in entry.kernel.scalar_names)
+        if extra is not None:
+            return self.backend.vector(values, None, job.x.dtype)
+        memo = (job.x.dtype, *keys)
+        vector = self.vectors.get(memo)
+        if vector is None:
+            vector = self.vectors[memo] = self.backend.vector(values, None, job.x.dtype)
+        return vector
+
+
+def _arrays(job: Job, number: int) -> list[Any]:
+    stages = job.route.stages
+    first = sum(len(entry.kernel.state) for stage in stages[:number] for entry in stage.entries)
+    count = sum(len(entry.kernel.state) for entry in stages[number].entries)
+    return job.arrays[first : first + count]
+
+
+def _output(job: Job, scratch: Any) -> Any:
+    """A scratch buffer for the stage's output that is not the stage's input."""
+    for buffer_number in (0, 1):
+        if len(job.scratch) <= buffer_number:
+            job.scratch.append(scratch(job.leaf.x, buffer_number))
+        if job.scratch[buffer_number] is not job.source:
+            return job.scratch[buffer_number]
+    raise AssertionError("unreachable")
+
+
+def _by_kernels(jobs: Sequence[Job], number: int) -> dict[Any, list[Job]]:
+    groups: dict[Any, list[Job]] = {}
+    for job in jobs:
+        groups.setdefault(job.route.stages[number].key, []).append(job)
+    return groups
+
+
+def _measure_and_finish(
+    backend: Any, jobs: Sequence[Job], number: int, scalars: _Scalars, scratch: Any, commits: list[Any]
+) -> None:
+    """Run stage `number` of `jobs` into scratch (or nothing, if it is empty), measure what
+    reaches each job's reduction `number`, and finish the reductions."""
+    values: dict[int, list[float]] = {}
+    by_measures: dict[Any, list[Job]] = {}
+    for job in jobs:
+        boundary = job.route.boundaries[number]
+        by_measures.setdefault(
+            (job.route.stages[number].key, boundary.reduce.measures(boundary.rule)), []
+        ).append(job)
+    for (key, measures), group in by_measures.items():
+        kernels = tuple(entry.kernel for entry in group[0].route.stages[number].entries)
+        if kernels:
+            work = []
+            for job in group:
+                out = _output(job, scratch)
+                work.append((job.source, job.x, out, scalars.vector(job, number), *_arrays(job, number)))
+                job.source = out
+            measured = backend.run_stage(kernels, False, False, work, measures)
+        else:
+            measured = _measure(backend, group, measures)
+        for job, part in zip(group, measured):
+            values[id(job)] = part
+    _finish(jobs, number, values, commits)
+
+
+def _measure(backend: Any, jobs: Sequence[Job], measures: tuple[Any, ...]) -> list[list[float]]:
+    columns = []
+    for measure in measures:
+        arrays = [job.source if measure.of == "d" else job.x for job in jobs]
+        columns.append(backend.measure(arrays, measure.p))
+    return [list(row) for row in zip(*columns)] if columns else [[] for _ in jobs]
+
+
+def _finish(jobs: Sequence[Job], number: int, values: dict[int, list[float]], commits: list[Any]) -> None:
+    """Each reduction's finish, over the jobs that meet there, in the order of the tree."""
+    meetings: dict[Any, list[Job]] = {}
+    for job in jobs:
+        boundary: Boundary = job.route.boundaries[number]
+        key = (id(boundary.rule), boundary.path) if boundary.reduce.scope == "tree" else id(job)
+        meetings.setdefault(key, []).append(job)
+    for members in meetings.values():
+        boundary = members[0].route.boundaries[number]
+        outcome = boundary.reduce.finish(
+            boundary.rule,
+            [job.boundary_states[number] for job in members],
+            [values[id(job)] for job in members],
+            [job.x.dtype for job in members],
+            [str(job.leaf.path) for job in members],
+        )
+        if outcome.commit is not None:
+            commits.append(outcome.commit)
+        if outcome.scalars is None:
+            for job in members:
+                job.skipped = True
+        else:
+            for job, named in zip(members, outcome.scalars):
+                if named:
+                    job.extra[number + 1] = named
+
+
+def _run_last(backend: Any, jobs: Sequence[Job], number: int, scalars: _Scalars, scratch: Any) -> None:
+    """The last stage of each job: it writes `x`, or gives a whole-rule kernel its update."""
+    wholes: dict[Any, list[Job]] = {}
+    for key, group in _by_kernels(jobs, number).items():
+        kernels = tuple(entry.kernel for entry in group[0].route.stages[number].entries)
+        to_whole = [job for job in group if job.route.whole is not None]
+        to_x = [job for job in group if job.route.whole is None]
+        if to_x:
+            work = [
+                (job.source, job.x, job.x, scalars.vector(job, number), *_arrays(job, number)) for job in to_x
+            ]
+            backend.run_stage(kernels, False, True, work, ())
+        if to_whole and kernels:
+            work = []
+            for job in to_whole:
+                out = _output(job, scratch)
+                work.append((job.source, job.x, out, scalars.vector(job, number), *_arrays(job, number)))
+                job.source = out
+            backend.run_stage(kernels, False, False, work, ())
+        for job in to_whole:
+            whole = job.route.whole
+            assert whole is not None
+            wholes.setdefault((id(whole.rule), whole.path), []).append(job)
+    for members in wholes.values():
+        whole = members[0].route.whole
+        assert whole is not None
+        whole.kernel.run_(
+            whole.rule,
+            [job.whole_state for job in members],
+            [job.leaf.x for job in members],
+            [job.source.reshape(job.leaf.x.shape) for job in members],
+        )
