@@ -98,6 +98,14 @@ class Checked:
                 return False
         return True
 
+    def host_state_ok(self, x: Any) -> bool:
+        """Whether the reductions' host-side state is still what they expect (it is replaced
+        at every step, so it is checked at every step)."""
+        return all(
+            boundary.reduce.state_ok(rule_state, x)
+            for boundary, rule_state in zip(self.route.boundaries, self.boundary_states)
+        )
+
 
 def make_jobs(
     backend: Any, opt: Rule, plan: Plan, store: StateStore, leaves: Sequence[Any]
@@ -122,7 +130,7 @@ def make_jobs(
         if route is None or not usable(route):
             return None
         checked = None if i in made else known.get(x)
-        if checked is None or not checked.holds(route, state):
+        if checked is None or not (checked.holds(route, state) and checked.host_state_ok(x)):
             checked = _check(backend, route, state, x)
             if checked is None:
                 return None

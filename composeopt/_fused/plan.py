@@ -87,11 +87,11 @@ class Route:
     stages: tuple[Stage, ...]
     boundaries: tuple[Boundary, ...]
     whole: Whole | None
-    decisive: bool = field(init=False)  # its first boundary may raise or skip
+    last_decisive: int = field(init=False)  # the last boundary that may raise or skip, or -1
 
     def __post_init__(self) -> None:
-        first = self.boundaries[0] if self.boundaries else None
-        object.__setattr__(self, "decisive", first is not None and first.reduce.decisive(first.rule))
+        decisive = [n for n, b in enumerate(self.boundaries) if b.reduce.decisive(b.rule)]
+        object.__setattr__(self, "last_decisive", decisive[-1] if decisive else -1)
 
     @property
     def entries(self) -> list[Entry]:
@@ -243,14 +243,16 @@ _AFTER_WHOLE = Reduce(lambda rule: (), lambda *args: None)  # type: ignore[arg-t
 
 def usable(route: Route) -> bool:
     """Whether the executor can take this route: no rule after a whole-rule kernel, and a
-    decisive reduction only as the first boundary, after kernels that keep no state."""
+    decisive reduction only after stages that keep no state (it decides before anything
+    is written)."""
     if any(boundary.reduce is _AFTER_WHOLE for boundary in route.boundaries):
         return False
-    for number, boundary in enumerate(route.boundaries):
-        if boundary.reduce.decisive(boundary.rule):
-            if number > 0 or any(entry.kernel.state for entry in route.stages[0].entries):
-                return False
-    return True
+    last = route.last_decisive
+    return all(stateless(stage) for stage in route.stages[: last + 1])
+
+
+def stateless(stage: Stage) -> bool:
+    return not any(entry.kernel.state or entry.kernel.counter is not None for entry in stage.entries)
 
 
 _accepted: dict[type, bool] = {}

@@ -1,11 +1,12 @@
 """The executor: one fused step over checked jobs, stage by stage, in three phases.
 
-1. Decide: if some route starts with a decisive reduction (a finite flag that
-   skips the step, a norm that must be finite), every route's first stage is
-   run (they keep no state, the planner sees to it) and every first
-   reduction finished.  An error here leaves nothing changed.
-2. Prepare: the step counters of the jobs that go on are advanced and every
-   kernel's scalars computed.  An error here puts the counters back.
+1. Decide: the step counters are advanced; if some route has a decisive
+   reduction (a finite flag that skips the step, a norm that must be
+   finite), the rounds up to the last such reduction are run: their stages
+   keep no state (else the step is declined), so an error here leaves
+   nothing changed but the counters, which are put back.
+2. Prepare: every kernel's scalars are computed (an error puts the counters
+   back), and the counters of skipped jobs are put back.
 3. Run: round `r` runs the stage `r` of every job that has a reduction after
    it (into scratch, measuring as it goes), finishes those reductions (the
    jobs of a tree-scope reduction together), then runs the last stage of the
@@ -22,7 +23,7 @@ from typing import Any
 
 from ..store import StateStore
 from .jobs import Job
-from .plan import Boundary, Entry
+from .plan import Boundary, Entry, stateless
 
 __all__ = ["run_step", "Declined"]
 
@@ -33,26 +34,27 @@ class Declined(Exception):
 
 def run_step(backend: Any, store: StateStore, jobs: list[Job], scratch: Any) -> list[Any]:
     """Take the step; returns the reductions' commits, to call once it has all been taken."""
-    decided = _decisive(jobs)
+    decided = _decided_rounds(jobs)
     commits: list[Any] = []
     scalars = _Scalars(backend)
-    if decided:
-        with_boundary = [job for job in jobs if job.route.boundaries]
-        _measure_and_finish(backend, with_boundary, 0, scalars, scratch, commits)
-    going = [job for job in jobs if not job.skipped]
-    _advance_counters(going, 1)
+    _advance_counters(jobs, 1)  # first, as each apply_ does: a reduction may read them
     try:
+        for number in range(decided + 1):
+            at = [job for job in jobs if not job.skipped and len(job.route.boundaries) > number]
+            _measure_and_finish(backend, at, number, scalars, scratch, commits)
+        going = [job for job in jobs if not job.skipped]
         for job in going:
             for position, entry in enumerate(job.route.entries):
                 scalars.named(entry, job, position)
     except BaseException:
-        _advance_counters(going, -1)
+        _advance_counters(jobs, -1)
         raise
+    _advance_counters([job for job in jobs if job.skipped], -1)
     pending = going
     number = 0
     while pending:
         ahead = [job for job in pending if len(job.route.boundaries) > number]
-        if not (decided and number == 0):
+        if number > decided:
             _measure_and_finish(backend, ahead, number, scalars, scratch, commits)
         ending = [job for job in pending if len(job.route.boundaries) == number]
         _run_last(backend, ending, number, scalars, scratch)
@@ -61,17 +63,15 @@ def run_step(backend: Any, store: StateStore, jobs: list[Job], scratch: Any) -> 
     return commits
 
 
-def _decisive(jobs: Sequence[Job]) -> bool:
-    """Whether a decisive reduction comes first in some route; then every first stage must
-    keep no state (else deciding would come after writing), or the step is declined."""
-    if not any(job.route.decisive for job in jobs):
-        return False
-    for job in jobs:
-        if job.route.boundaries:
-            for entry in job.route.stages[0].entries:
-                if entry.kernel.state or entry.kernel.counter is not None:
-                    raise Declined
-    return True
+def _decided_rounds(jobs: Sequence[Job]) -> int:
+    """The last round whose reductions decide (raise or skip), or -1: those rounds run
+    before anything is written, so every stage they run must keep no state."""
+    decided = max((job.route.last_decisive for job in jobs), default=-1)
+    if decided >= 0:
+        for job in jobs:
+            if not all(stateless(stage) for stage in job.route.stages[: min(len(job.route.boundaries), decided + 1)]):
+                raise Declined
+    return decided
 
 
 def _advance_counters(jobs: Sequence[Job], by: int) -> None:
