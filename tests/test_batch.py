@@ -27,9 +27,7 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("numba") is None, reaso
 
 STEPS = 7
 # Groups select by name, and their registry selectors name parameters of another tree.
-FAST_CASES = [
-    case for case in CASES if _fused.make_plan(CASES[case]()) is not None and "Groups" not in case
-]
+FAST_CASES = [case for case in CASES if _fused.make_plan(CASES[case]()) is not None and "Groups" not in case]
 
 
 def generic_steps(make, params, steps, grads):

@@ -140,8 +140,17 @@ def test_every_fast_case_in_groups_and_behind_tree_rules(mode, taken, case, wrap
         ),
         lambda: co.SkipNonFinite(co.Optimiser(co.ClipGlobalNorm(1.0), co.Lars())),
     ],
-    ids=["Lamb", "Lars", "Novograd", "Fromage", "ClipNorm-Adam", "ClipGlobalNorm-Lamb", "Adam-ClipNorm",
-         "ClipGlobalNorm-Groups-AdamW", "SkipNonFinite-ClipGlobalNorm-Lars"],
+    ids=[
+        "Lamb",
+        "Lars",
+        "Novograd",
+        "Fromage",
+        "ClipNorm-Adam",
+        "ClipGlobalNorm-Lamb",
+        "Adam-ClipNorm",
+        "ClipGlobalNorm-Groups-AdamW",
+        "SkipNonFinite-ClipGlobalNorm-Lars",
+    ],
 )
 def test_staged_recipes_on_big_arrays_split_between_threads(mode, taken, make):
     """Arrays big enough to be split between threads: the measures of their chunks combine."""
@@ -232,7 +241,9 @@ def test_skip_non_finite_gives_up_with_nothing_changed(mode, taken, late):
         co.update_(opt, params, bad)
     assert all(taken)
     assert all(params[k].tobytes() == before[k].tobytes() for k in params)
-    assert all(np.asarray(a).tobytes() == np.asarray(b).tobytes() for a, b in zip(state_arrays(opt, params), states))
+    assert all(
+        np.asarray(a).tobytes() == np.asarray(b).tobytes() for a, b in zip(state_arrays(opt, params), states)
+    )
 
 
 def test_skip_non_finite_skips_on_the_fast_path_and_counts(mode, taken):
@@ -260,7 +271,11 @@ def test_skip_non_finite_skips_on_the_fast_path_and_counts(mode, taken):
     for key in params:
         fused_state = co.state_store(opt).get(params[key])
         generic_state = co.state_store(reference).get(expected[key])
-        assert (fused_state.skipped, fused_state.streak) == (generic_state.skipped, generic_state.streak) == (2, 0)
+        assert (
+            (fused_state.skipped, fused_state.streak)
+            == (generic_state.skipped, generic_state.streak)
+            == (2, 0)
+        )
         assert fused_state.inner[1].t == generic_state.inner[1].t == 4
 
 

@@ -1,21 +1,28 @@
-"""Fused in-place steps: a chain of elementwise rules as one pass over memory.
+"""The fast path's entry points: the plan of an optimiser, and a step taken by it.
 
-The engine's `update_` asks `plan` whether every rule
-of the optimiser has a fast path (a `.kernel.Kernel`, or a
-`.kernel.NormClip` between stages) and none can fail; if so it leaves
-the gradients uncopied and hands the step to `step_`, which checks the
-arrays and states, runs `begin_step`, and then computes every rule's update
-and writes `x` and the states in one pass per stage.  Anything it does not
-know (a user rule, a subclass that changes a rule's behaviour, float16, a
-non-contiguous array, a state that is not what `init` makes) takes the
-generic path instead, on the same states: the two paths can alternate.
-Before all that, `batched_step_` looks for a tree that the last numba steps
-have seen already, and updates it in one call (`.batch`).
+Who owns what:
 
-The backend follows the arrays: numba on NumPy arrays (or, without numba, a
-cache-blocked NumPy `out=` path), CuPy `ElementwiseKernel` s on CuPy arrays.
-`COMPOSEOPT_FUSED` (or `MODE`) chooses: `auto` (the default),
-`numpy` (force the NumPy path on the CPU) or `off` (always generic).
+* `plan.py`, the planner: rules to a plan of stages (kernels fused across
+  rules, reductions between stages, a branch per parameter group);
+* `jobs.py`: each checked leaf's route through the plan and its state, checked
+  once and remembered while nothing is replaced;
+* `run.py`, the executor: decide, prepare, run the stages, in that order;
+* the backends, one module each: `numba_backend.py` (through `host.py`),
+  `numpy_backend.py` (blocked NumPy, without a compiler), `cupy_backend.py`;
+  the generic `xp` path is the engine's own (`composeopt.engine`);
+* `batch.py`: a tree that comes back unchanged, in one call.
+
+The engine's `update_` asks `plan` for the optimiser's plan; with one, it
+leaves the gradients uncopied and hands the checked leaves to `step_`.
+Anything the fast path does not know (a rule without a fast path, a
+subclass that changes a rule's behaviour, float16, a non-contiguous array, a
+state that is not what `init` makes) takes the generic path instead, on the
+same states: the two paths can alternate.
+
+The backend follows the arrays: numba on NumPy arrays (or, without numba, the
+blocked NumPy path), CuPy kernels on CuPy arrays.  `COMPOSEOPT_FUSED` (or
+`MODE`) chooses: `auto` (the default), `numpy` (force the NumPy path on the
+CPU) or `off` (always generic).
 """
 
 from __future__ import annotations

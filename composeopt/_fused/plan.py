@@ -204,8 +204,8 @@ def _program(rule: Rule, path: Path) -> tuple[Any, ...] | None:
                 parts.append(Boundary(rule, part, path))
         return tuple(parts)
     if isinstance(fused, Wrapping):
-        inner = _program(rule.inner, (*path, "inner"))  # type: ignore[attr-defined]
-        return None if inner is None else (Boundary(rule, fused.reduce, path), *inner)
+        wrapped = _program(rule.inner, (*path, "inner"))  # type: ignore[attr-defined]
+        return None if wrapped is None else (Boundary(rule, fused.reduce, path), *wrapped)
     if fused is not None and hasattr(fused, "run_") and not rule.fallible:
         return (Whole(rule, fused, path),)
     return None
@@ -237,7 +237,7 @@ def _route(program: tuple[Any, ...], choices: tuple[int, ...]) -> Route:
     return Route(tuple(stages), tuple(boundaries), whole)
 
 
-_AFTER_WHOLE = Reduce(lambda rule: (), lambda *args: None)  # type: ignore[arg-type, return-value]
+_AFTER_WHOLE = Reduce(lambda rule: (), lambda *args: None)  # type: ignore[arg-type]
 """Marks a route in which rules follow a whole-rule kernel: the step declines it."""
 
 

@@ -62,7 +62,7 @@ class Outcome:
     whole step has been computed, to change host-side state (counters of skipped steps).
     """
 
-    scalars: list[Mapping[str, float]] | None
+    scalars: Sequence[Mapping[str, float]] | None
     commit: Callable[[], None] | None = None
 
 

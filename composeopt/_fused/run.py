@@ -69,7 +69,9 @@ def _decided_rounds(jobs: Sequence[Job]) -> int:
     decided = max((job.route.last_decisive for job in jobs), default=-1)
     if decided >= 0:
         for job in jobs:
-            if not all(stateless(stage) for stage in job.route.stages[: min(len(job.route.boundaries), decided + 1)]):
+            if not all(
+                stateless(stage) for stage in job.route.stages[: min(len(job.route.boundaries), decided + 1)]
+            ):
                 raise Declined
     return decided
 
@@ -103,7 +105,8 @@ class _Scalars:
         """The scalars of stage `number`'s kernels for this job, as the backend takes them."""
         first = sum(len(stage.entries) for stage in job.route.stages[:number])
         extra = job.extra.get(number)
-        keys, values = [], []
+        keys: list[Any] = []
+        values: list[float] = []
         for offset, entry in enumerate(job.route.stages[number].entries):
             key, named = self.named(entry, job, first + offset)
             if offset == 0 and extra is not None:
@@ -155,7 +158,7 @@ def _measure_and_finish(
         by_measures.setdefault(
             (job.route.stages[number].key, boundary.reduce.measures(boundary.rule)), []
         ).append(job)
-    for (key, measures), group in by_measures.items():
+    for (_, measures), group in by_measures.items():
         kernels = tuple(entry.kernel for entry in group[0].route.stages[number].entries)
         if kernels:
             work = []
@@ -209,7 +212,7 @@ def _finish(jobs: Sequence[Job], number: int, values: dict[int, list[float]], co
 def _run_last(backend: Any, jobs: Sequence[Job], number: int, scalars: _Scalars, scratch: Any) -> None:
     """The last stage of each job: it writes `x`, or gives a whole-rule kernel its update."""
     wholes: dict[Any, list[Job]] = {}
-    for key, group in _by_kernels(jobs, number).items():
+    for _, group in _by_kernels(jobs, number).items():
         kernels = tuple(entry.kernel for entry in group[0].route.stages[number].entries)
         to_whole = [job for job in group if job.route.whole is not None]
         to_x = [job for job in group if job.route.whole is None]
