@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 from numba import njit
 
-__all__ = ["power", "combine", "combine_max"]
+__all__ = ["power", "combine_max"]
 
 
 @njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc"})
@@ -39,14 +39,6 @@ def power(lo: int, hi: int, a: Any, p: float, kind: int) -> float:  # pragma: no
         for i in range(a.shape[0]):
             total += np.float64(a[i]) * 0.0
     return total
-
-
-@njit(cache=True, nogil=True)
-def combine(total: float, part: float, kind: int) -> float:  # pragma: no cover - compiled
-    """Two partial results of `power` as one (the larger for kind 2, NaN-propagating)."""
-    if kind != 2:
-        return total + part
-    return part if (part > total or part != part) and total == total else total
 
 
 def combine_max(parts: Any) -> float:

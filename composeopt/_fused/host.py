@@ -93,8 +93,7 @@ class NumbaBackend(_HostBackend):
             self._run(kernels, scaled, to_x, jobs)
             return [[] for _ in jobs]
         # Measured as it is written, block by block while the block is in cache.
-        function = self._compiled.measured_stage_function(kernels, scaled)
-        return self._compiled.run_measured_stage(function, jobs, measures)
+        return self._compiled.run_measured_stage(kernels, scaled, jobs, measures)
 
     def _run(self, kernels: tuple[Kernel, ...], scaled: bool, to_x: bool, jobs: list[Any]) -> None:
         function = self._compiled.stage_function(kernels, scaled, to_x)

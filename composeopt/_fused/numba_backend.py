@@ -190,65 +190,87 @@ def powers(sources: Sequence[Any], p: float | str) -> list[float]:
     return [float(sum(parts)) for parts in chunks]
 
 
-MEASURED_BLOCK = 1 << 12
-"""Elements per block of a measured stage: the block is measured right after it is written,
-while it is still in the L1 cache."""
+_ACCUMULATE = {
+    0: "a{m} += numpy.float64({v}) * numpy.float64({v})",
+    1: "a{m} += abs(numpy.float64({v}))",
+    2: "a{m} = _larger(a{m}, abs(numpy.float64({v})))",
+    3: "a{m} += abs(numpy.float64({v})) ** p{m}",
+    4: "a{m} += numpy.float64({v}) * 0.0",
+}
 
 
-def measured_stage_source(kernels: tuple[Kernel, ...], scaled: bool) -> str:
-    """A stage that writes `out` and measures it (and `x`) as it goes: after each block of
-    `stage`, `acc[m]` takes `power` of the block of `out` (`ofs[m] == 0`) or of `x`."""
+def measured_stage_source(
+    kernels: tuple[Kernel, ...], scaled: bool, measures: tuple[tuple[str, int], ...]
+) -> str:
+    """A stage that writes `out` and measures it as it goes: per `(of, kind)` of `measures`,
+    `acc[m]` gets `_numba_norms.power`'s kind of the stage's output (`of == "d"`) or of `x`.
+
+    Only the sums may be reordered (`fastmath={"reassoc"}`, so that they vectorise): the
+    stage's own arithmetic is then free to be reassociated too, which can change a result by
+    an ulp, as the reduction's order does.
+    """
     names = list(rule_names(kernels))
     arrays = "".join(", " + n.array(s) for n in names for s in n.kernel.state)
-    lines = [
-        "",
-        "",
-        '@njit(cache=True, nogil=True, error_model="numpy")',
-        f"def measured(lo, hi, g, x, out, k, acc, kinds, ps, ofs{arrays}):",
-        f"    for b0 in range(lo, hi, {MEASURED_BLOCK}):",
-        f"        b1 = min(b0 + {MEASURED_BLOCK}, hi)",
-        f"        stage(b0, b1, g, x, out, k{arrays})",
-        "        for m in range(kinds.shape[0]):",
-        "            a = out if ofs[m] == 0 else x",
-        "            acc[m] = combine(acc[m], power(b0, b1, a, ps[m], kinds[m]), kinds[m])",
-    ]
-    source = stage_source(kernels, scaled, False).replace(
-        "from numpy import sqrt",
-        "from numpy import sqrt\n\nfrom composeopt._fused._numba_norms import combine, power",
+    lines = [f"def measured(lo, hi, g, x, out, k, acc, ps{arrays}):"]
+    for n in names:
+        for position, scalar in enumerate(n.kernel.scalar_names):
+            lines.append(f"    {n.local(scalar)} = k[{n.scalar_offset + position}]")
+    if scaled:
+        lines.append(f"    scale = k[{scalar_count(kernels)}]")
+    for m in range(len(measures)):
+        lines += [f"    a{m} = 0.0", f"    p{m} = ps[{m}]"]
+    for array in ("g", "x", "out", *(n.array(s) for n in names for s in n.kernel.state)):
+        lines.append(f"    {array} = {array}[lo:hi]")
+    loop = _loop(kernels, scaled, False, "    ")
+    reads_x = any(kernel.reads_x for kernel in kernels)
+    for m, (of, kind) in enumerate(measures):
+        value = "d" if of == "d" else ("xv" if reads_x else "x[i]")
+        loop.append("        " + _ACCUMULATE[kind].format(m=m, v=value))
+    lines += loop
+    lines += [f"    acc[{m}] = a{m}" for m in range(len(measures))]
+    header = _HEADER.replace(
+        '@njit(cache=True, nogil=True, error_model="numpy")\n',
+        _LARGER + '\n\n@njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc"})\n',
     )
-    return source + "\n".join(lines) + "\n"
+    return header + "\n".join(lines) + "\n"
+
+
+_LARGER = """@njit
+def _larger(total, value):
+    return value if (value > total or value != value) and total == total else total
+"""
 
 
 @cache
-def measured_stage_function(kernels: tuple[Kernel, ...], scaled: bool) -> Callable[..., None]:
-    module = load_module(measured_stage_source(kernels, scaled), "composeopt_measured")
+def measured_stage_function(
+    kernels: tuple[Kernel, ...], scaled: bool, measures: tuple[tuple[str, int], ...]
+) -> Callable[..., None]:
+    module = load_module(measured_stage_source(kernels, scaled, measures), "composeopt_measured")
     function: Callable[..., None] = module.measured
     return function
 
 
 def run_measured_stage(
-    function: Callable[..., None], jobs: Sequence[tuple[Any, ...]], measures: Sequence[Measure]
+    kernels: tuple[Kernel, ...], scaled: bool, jobs: Sequence[tuple[Any, ...]], measures: Sequence[Measure]
 ) -> list[list[float]]:
-    """`function` over every job, each chunk with its own accumulators; per job, its measures."""
+    """The stage over every job, each chunk with its own accumulators; per job, its measures."""
     pairs = [_kind(measure.p) for measure in measures]
-    kinds = np.array([kind for kind, _ in pairs], dtype=np.int64)
+    function = measured_stage_function(
+        kernels, scaled, tuple((measure.of, kind) for measure, (kind, _) in zip(measures, pairs))
+    )
     ps = np.array([power for _, power in pairs], dtype=np.float64)
-    ofs = np.array([0 if measure.of == "d" else 1 for measure in measures], dtype=np.int64)
 
     def work(job: int, lo: int, hi: int) -> Any:
         acc = np.zeros(len(measures), dtype=np.float64)
         g, x, out, k, *states = jobs[job]
-        function(lo, hi, g, x, out, k, acc, kinds, ps, ofs, *states)
+        function(lo, hi, g, x, out, k, acc, ps, *states)
         return acc
 
     results = []
     for parts in run_chunks(work, [len(job[0]) for job in jobs]):
         row = []
-        for m, kind in enumerate(kinds):
+        for m, (kind, _) in enumerate(pairs):
             values = [float(part[m]) for part in parts]
-            if kind == 2:
-                row.append(_numba_norms.combine_max(np.array(values)))
-            else:
-                row.append(float(sum(values)))
+            row.append(_numba_norms.combine_max(np.array(values)) if kind == 2 else float(sum(values)))
         results.append(row)
     return results
