@@ -55,23 +55,23 @@ from ..rules.muon import Muon
 from ..rules.steps import SkipNonFinite
 from ..tree import Path
 from .sets import arrays, resnet50_shapes
-from .timing import SETTLE_SECONDS, floor_step, settle, time_beside
+from .timing import floor_step, settle, time_beside
 
 __all__ = ["ScaleGradient", "recipes_report"]
 
 Shapes = list[tuple[int, ...]]
 
 LR = 1e-3
-BOUT_SECONDS = 3.0
-"""A bout's timed repetitions stop near this many seconds (at least `MIN_REPS`, at most `--reps`),
-so that the slow configurations of today keep the whole run near two minutes."""
+BOUT_SECONDS = 2.0
+"""A bout's timed repetitions stop after this many seconds (with at least `MIN_REPS`, at most
+`--reps`), so that the slow configurations of today keep the whole run near two minutes."""
 MIN_REPS = 3
 WARM_UP_ROUNDS = 3
 """Untimed rounds first: the first step compiles and allocates; the fast path's repeat-step
 cache learns a tree in two steps and compiles its loop on the third."""
-SLOW_ROUND_SECONDS = 1.0
-"""A round of steps this slow stops warming up after one: what the later rounds warm up is
-the per-step overhead, which a step that slow does not show."""
+SLOW_ROUND_SECONDS = 5.0
+"""A round of steps this slow ends the warm-up: what the later rounds warm up costs
+milliseconds, which a step that slow does not show."""
 MANY_ARRAYS_TARGET_MS = 0.7
 """The target for Adam on 1000 arrays of 1000 elements, in ms per step."""
 
@@ -418,7 +418,8 @@ def _check_moved(name: str, before: list[np.ndarray], after: list[np.ndarray]) -
 
 
 def time_bout(contenders: dict[str, Contender], reps: int) -> tuple[dict[str, float], int]:
-    """Median seconds per step of each contender, stepped in turn; and the repetitions taken."""
+    """Median seconds per step of each contender, stepped in turn, and the rounds timed: `reps`,
+    or fewer once `BOUT_SECONDS` have passed (never fewer than `MIN_REPS`)."""
     starts = {name: _start(contender.params()) for name, contender in contenders.items()}
     first = next(iter(starts.values()))
     for name, start in starts.items():
@@ -429,20 +430,21 @@ def time_bout(contenders: dict[str, Contender], reps: int) -> tuple[dict[str, fl
         for contender in contenders.values():
             settle()
             contender.step()
-        round_seconds = time.perf_counter() - began - len(contenders) * SETTLE_SECONDS
-        if round_seconds > SLOW_ROUND_SECONDS:
+        if time.perf_counter() - began > SLOW_ROUND_SECONDS:
             break
     for name, contender in contenders.items():
         _check_moved(name, starts[name], _start(contender.params()))
-    reps = min(reps, max(MIN_REPS, int(BOUT_SECONDS / max(round_seconds, 1e-6))))
     samples: dict[str, list[float]] = {name: [] for name in contenders}
-    for _ in range(reps):
+    began = time.perf_counter()
+    taken = 0
+    while taken < reps and (taken < MIN_REPS or time.perf_counter() - began < BOUT_SECONDS):
         for name, contender in contenders.items():
             settle()  # torch's and XLA's threads spin after their step: each starts with idle cores
-            began = time.perf_counter()
+            tick = time.perf_counter()
             contender.step()
-            samples[name].append(time.perf_counter() - began)
-    return {name: statistics.median(times) for name, times in samples.items()}, reps
+            samples[name].append(time.perf_counter() - tick)
+        taken += 1
+    return {name: statistics.median(times) for name, times in samples.items()}, taken
 
 
 def _missing(needs: tuple[str, ...]) -> list[str]:
@@ -506,6 +508,7 @@ def many_arrays_row(scale: float, reps: int) -> dict[str, Any]:
     contender = composeopt(lambda: Adam(LR))(shapes)
     before = _start(contender.params())
     floor, how = floor_step(1000 * count)
+    contender.step()  # with time_beside's two warm-up steps, the repeat-step cache is built
     # A small step is cheap to repeat, and its median needs more samples to settle.
     seconds, floor_seconds = time_beside(contender.step, floor, 5 * reps, wait=(False, False))
     _check_moved("Adam on many arrays", before, _start(contender.params()))
