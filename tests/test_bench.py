@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from composeopt import bench
@@ -22,7 +24,17 @@ def test_resnet50_has_its_161_arrays_and_25_6m_parameters():
 def test_bench_runs_and_writes_json(tmp_path, capsys):
     path = tmp_path / "bench.json"
     report = bench.main(
-        ["--scale", "0.0005", "--reps", "1", "--only", "composeopt,NumPy,optax", "--json", str(path)]
+        [
+            "--sets",
+            ",".join(bench.SETS),
+            "--scale",
+            "0.0005",
+            "--reps",
+            "1",
+            "--only",
+            "composeopt,NumPy,optax",
+        ]
+        + ["--json", str(path)]
     )
     table = capsys.readouterr().out
     assert "ms per step (× floor" in table and "| composeopt generic |" in table
@@ -30,6 +42,7 @@ def test_bench_runs_and_writes_json(tmp_path, capsys):
     saved = json.loads(path.read_text())
     assert saved["results"] == report["results"]
     assert {row["set"] for row in saved["results"]} == set(bench.SETS)
+    assert "recipes" not in saved
     assert all(row["ms"] > 0 and row["x_floor"] > 0 for row in saved["results"])
 
 
@@ -39,6 +52,7 @@ def test_python_dash_m_composeopt_bench_keeps_its_options():
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("usage: python -m composeopt.bench")
+    assert "recipes" in done.stdout
     for option in ("--sets", "--quick", "--scale", "--reps", "--threads", "--only", "--json", "--device"):
         assert option in done.stdout
 
@@ -78,3 +92,121 @@ def test_the_torch_adapter_row_times_both_optimizers():
     row = adapter.adapter_report(scale=1 / 256, reps=2)
     assert row["tensors"] == 8 and row["composeopt_ms"] > 0 and row["torch_fused_ms"] > 0
     assert "torch.optim.Adam(fused=True)" in adapter.adapter_line(row)
+
+
+RECIPES = [
+    "Adam(1e-3)",
+    "ClipGlobalNorm(1) + Groups(1-D: AdamW wd 0, rest: AdamW wd 0.01)",
+    "ClipNorm(1) + Adam()",
+    "SkipNonFinite(Adam())",
+    "Lamb()",
+    "Lars()",
+    "Novograd()",
+    "Fromage()",
+    "Adafactor()",
+    "Muon() on ResNet-50's 54 matrices",
+    "ScaleGradient(0.5) (a user rule) + Adam()",
+]
+
+
+def _check_recipe_rows(rows, installed):
+    """Every recipe in order, then Adam on many arrays; a peer's row timed if `installed[peer]`."""
+    assert list(dict.fromkeys(row["recipe"] for row in rows[:-1])) == RECIPES
+    for row in rows[:-1]:
+        assert {"recipe", "reference", "target", "arrays", "elements"} <= set(row)
+        package = row["reference"].replace(".", " ").split()[0]  # "composeopt", "torch" or "optax"
+        if package != "composeopt" and not installed[package]:
+            assert "skipped" in row and "composeopt_ms" not in row
+            continue
+        assert "skipped" not in row
+        assert row["composeopt_ms"] > 0 and row["reference_ms"] > 0 and row["reps"] >= 1
+        assert row["ratio"] == pytest.approx(row["composeopt_ms"] / row["reference_ms"])
+        assert row["met"] is (None if row["target"] is None else row["ratio"] <= row["target"])
+    many = rows[-1]
+    assert many["reference"] == "memory-traffic floor" and many["arrays"] >= 1
+    assert many["met"] is (many["composeopt_ms"] <= many["target_ms"])
+
+
+def test_the_recipes_set_times_every_recipe_beside_its_references(tmp_path, capsys, monkeypatch):
+    from composeopt.bench import recipes
+
+    # optax's five jit compilations would take most of a minute: one is timed in the next test.
+    monkeypatch.setattr(
+        recipes, "_missing", lambda needs: [name for name in needs if name in ("jax", "optax")]
+    )
+    path = tmp_path / "bench.json"
+    report = bench.main(["--sets", "recipes", "--scale", "0.0005", "--reps", "1", "--json", str(path)])
+    printed = capsys.readouterr().out
+    saved = json.loads(path.read_text())
+    assert saved["recipes"] == report["recipes"] and "results" not in saved
+    _check_recipe_rows(
+        report["recipes"]["rows"], {"torch": importlib.util.find_spec("torch") is not None, "optax": False}
+    )
+    assert "| ClipNorm(1) + Adam() |" in printed and "met" in printed
+
+
+def test_a_recipe_with_an_optax_reference_times_it_under_jit():
+    pytest.importorskip("optax")
+    from composeopt.bench import recipes
+
+    lamb = next(recipe for recipe in recipes.recipes() if recipe.name == "Lamb()")
+    rows = recipes.run_recipe(lamb, scale=0.0005, reps=1)
+    assert [row["reference"] for row in rows] == ["composeopt Adam(1e-3)", "optax.lamb, jax.jit"]
+    assert all(row["composeopt_ms"] > 0 and row["reference_ms"] > 0 for row in rows)
+    assert rows[0]["target"] == 1.6 and rows[1]["target"] is None and rows[1]["met"] is None
+
+
+def test_the_recipes_skip_peers_that_are_not_installed(monkeypatch):
+    from composeopt.bench import recipes
+    from composeopt.bench.report import recipes_table
+
+    monkeypatch.setattr(recipes, "_missing", lambda needs: list(needs))
+    report = recipes.recipes_report(scale=0.0005, reps=1)
+    _check_recipe_rows(report["rows"], {"torch": False, "optax": False})
+    skipped = [row for row in report["rows"] if "skipped" in row]
+    assert {row["skipped"] for row in skipped} == {"torch not installed", "jax, optax not installed"}
+    assert "skipped: torch not installed" in recipes_table(report)
+
+
+def test_a_recipe_that_does_not_move_its_arrays_or_starts_elsewhere_is_refused():
+    from composeopt.bench.recipes import Contender, time_bout
+
+    moving = np.zeros(3, np.float32)
+    still = np.zeros(3, np.float32)
+
+    def step():
+        moving[...] += 1
+
+    with pytest.raises(RuntimeError, match="still left 1 of 1 arrays unchanged"):
+        time_bout(
+            {"moves": Contender(step, lambda: [moving]), "still": Contender(lambda: None, lambda: [still])}, 1
+        )
+    elsewhere = np.ones(3, np.float32)
+    with pytest.raises(RuntimeError, match="elsewhere does not start from the same arrays"):
+        time_bout(
+            {"here": Contender(step, lambda: [still]), "elsewhere": Contender(step, lambda: [elsewhere])}, 1
+        )
+
+
+@pytest.mark.parametrize("mode", ["auto", "numpy"])
+def test_the_bench_user_rule_s_kernel_gives_its_apply_s_result(mode, monkeypatch):
+    import composeopt as co
+    from composeopt import _fused
+    from composeopt.bench.recipes import ScaleGradient
+
+    rng = np.random.default_rng(0)
+    grads = [rng.standard_normal(n).astype(np.float32) for n in (5, 300, 7)]
+    results = []
+    for chosen in (mode, "off"):
+        monkeypatch.setattr(_fused, "MODE", chosen)
+        params = [np.linspace(-1, 1, g.size, dtype=np.float32) for g in grads]
+        opt = co.Optimiser(ScaleGradient(0.25), co.Adam(0.1))
+        for _ in range(3):
+            co.update_(opt, params, grads)
+        results.append(params)
+    # A constant gradient: Adam's bias-corrected step is eta * sign(g) each time (up to epsilon).
+    for x, g in zip(results[1], grads):
+        start = np.linspace(-1, 1, g.size, dtype=np.float32)
+        np.testing.assert_allclose(x, start - 3 * 0.1 * np.sign(g), rtol=1e-5, atol=1e-5)
+    for fast, generic in zip(*results):
+        np.testing.assert_array_equal(fast, generic)

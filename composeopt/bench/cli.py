@@ -11,8 +11,8 @@ from typing import Any
 
 from . import adapter, gpu
 from .peers import implementations
-from .report import head_to_head_line, table
-from .sets import BYTES_PER_ELEMENT, SETS
+from .report import head_to_head_line, recipes_table, table
+from .sets import BYTES_PER_ELEMENT, RECIPES, SETS
 from .timing import floor_step, head_to_head, run
 
 __all__ = ["build_parser", "main"]
@@ -24,7 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m composeopt.bench",
         description="ms per optimiser step, against the memory-traffic floor and peers.",
     )
-    parser.add_argument("--sets", default=",".join(SETS), help=f"comma-separated, from {','.join(SETS)}")
+    every = ",".join((*SETS, RECIPES))
+    parser.add_argument(
+        "--sets", default=every, help=f"comma-separated, from {every} (recipes: see composeopt.bench.recipes)"
+    )
     parser.add_argument("--quick", action="store_true", help="arrays 16 times smaller, fewer repetitions")
     parser.add_argument("--scale", type=float, default=None, help="multiply every set's size by this")
     parser.add_argument("--reps", type=int, default=None, help="timed steps per measurement")
@@ -58,32 +61,38 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         torch.set_num_threads(threads)
     sets = [name for name in args.sets.split(",") if name]
-    unknown = set(sets) - set(SETS)
+    unknown = set(sets) - {*SETS, RECIPES}
     if unknown:
         parser.error(f"unknown sets {sorted(unknown)}")
+    adam_sets = [name for name in sets if name != RECIPES]
     only = {word for word in args.only.split(",") if word} or None
     report: dict[str, Any] = {
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": threads},
         "scale": scale,
         "reps": reps,
     }
-    if args.device in ("auto", "cpu"):
-        results, how = run(sets, implementations(only), floor_step, scale, reps)
+    if args.device in ("auto", "cpu") and adam_sets:
+        results, how = run(adam_sets, implementations(only), floor_step, scale, reps)
         report.update(floor={"bytes_per_element": BYTES_PER_ELEMENT, "measured_with": how}, results=results)
-        print(table(report, sets))
+        print(table(report, adam_sets))
         impls = implementations(None)
         pair = ("composeopt fused (numba)", "torch.optim.Adam fused")
         if all(name in impls for name in pair) and (only is None or any(word in pair[0] for word in only)):
-            report["head_to_head"] = head_to_head(sets, impls[pair[0]], impls[pair[1]], scale, reps)
+            report["head_to_head"] = head_to_head(adam_sets, impls[pair[0]], impls[pair[1]], scale, reps)
             print(head_to_head_line(report["head_to_head"]))
         if adapter.available() and (only is None or "torch" in only):
             report["torch_adapter"] = adapter.adapter_report(scale, reps)
             print(adapter.adapter_line(report["torch_adapter"]))
+    if args.device in ("auto", "cpu") and RECIPES in sets:
+        from .recipes import recipes_report
+
+        report["recipes"] = recipes_report(scale, reps)
+        print(recipes_table(report["recipes"]))
     if args.device == "gpu" and not gpu.gpu_available():
         parser.error("--device gpu: CuPy sees no GPU")
-    if args.device in ("auto", "gpu") and gpu.gpu_available():
-        report["gpu"] = gpu.gpu_report(sets, only, scale, reps)
-        print(table(report["gpu"], sets))
+    if args.device in ("auto", "gpu") and adam_sets and gpu.gpu_available():
+        report["gpu"] = gpu.gpu_report(adam_sets, only, scale, reps)
+        print(table(report["gpu"], adam_sets))
     if args.json:
         with open(args.json, "w") as file:
             json.dump(report, file, indent=2)

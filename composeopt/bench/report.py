@@ -1,4 +1,4 @@
-"""The benchmark's printed results: a Markdown table per device and the head-to-head line."""
+"""The benchmark's printed results: a Markdown table per device, the head-to-head line, the recipes."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Any
 
 from .sets import BYTES_PER_ELEMENT
 
-__all__ = ["table", "head_to_head_line"]
+__all__ = ["table", "head_to_head_line", "recipes_table"]
 
 
 def table(report: dict[str, Any], sets: list[str]) -> str:
@@ -46,3 +46,25 @@ def head_to_head_line(rows: list[dict[str, Any]]) -> str:
         for row in rows
     )
     return f"composeopt fused (numba) / torch.optim.Adam fused, timed alternately: {cells}"
+
+
+def recipes_table(report: dict[str, Any]) -> str:
+    """A Markdown table of `report["rows"]`: composeopt and its reference, their ratio, the target."""
+    lines = [
+        f"Recipes, float32: median ms per step, each beside its references (scale {report['scale']:g})",
+        "| recipe | composeopt ms | reference | reference ms | ratio | target | |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in report["rows"]:
+        if "target_ms" in row:
+            target = f"≤ {row['target_ms']:.3g} ms"
+        else:
+            target = "—" if row["target"] is None else f"≤ {row['target']:.2f}×"
+        if "skipped" in row:
+            cells = ["—", row["reference"], "—", "—", target, f"skipped: {row['skipped']}"]
+        else:
+            met = {True: "met", False: "not met", None: ""}[row["met"]]
+            times = [f"{row['composeopt_ms']:.2f}", row["reference"], f"{row['reference_ms']:.2f}"]
+            cells = [*times, f"{row['ratio']:.2f}×", target, met]
+        lines.append("| " + " | ".join([row["recipe"], *cells]) + " |")
+    return "\n".join(lines)
