@@ -23,6 +23,7 @@ from .engine import reset_, state_store, update, update_
 from .flat import Flat, flatten
 from .groups import Groups
 from .hyper import Hyper
+from .kernel import Kernel
 from .minimizer import MinimizeResult, minimize
 from .rule import Replace, Rule, State
 from .rules.adam import AdaBelief, Adam, AdaMax, AdamW, Adan, AMSGrad, NAdam, OAdam, RAdam, Yogi
@@ -77,6 +78,7 @@ __all__ = [
     "State",
     "Replace",
     "Hyper",
+    "Kernel",
     "namespace",
     "errors",
     "registry",

@@ -16,8 +16,10 @@ from collections.abc import Callable, Iterator, Sequence
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from ._dispatch import namespace
 from .errors import ComposeoptError, UnknownHyperparameterError
 from .hyper import REQUIRED, Hyper, HyperTuple, follow_schedules, settings
+from .kernel import Kernel
 
 if TYPE_CHECKING:
     # Type checkers know typing_extensions without it being installed, and Python 3.10's
@@ -97,6 +99,15 @@ class Rule:
       also return `None` (leave `x` alone this step; later rules in a chain do
       not see it) or a [Replace][composeopt.Replace] (set `x` to a value).
 
+    A rule that works element by element may instead declare its math once,
+    as a class attribute `kernel = Kernel(...)` (see
+    [composeopt.kernel][composeopt.kernel]): it then gets `apply_` from it
+    (unless it writes its own), `init` too (zero arrays named by the kernel's
+    `state`, and its `counter` at 0), `fallible = False` (unless it says
+    otherwise: the math cannot raise), and fast paths that fuse it with the
+    other elementwise rules of a chain.  The class keeps the kernel privately:
+    `kernel` is neither a hyperparameter nor an attribute of its instances.
+
     The constructor takes the hyperparameters positionally in declaration order
     or by name; `repr` and `==` are derived from them.  See
     [Writing your own rule](../writing-rules.md) for a worked example.
@@ -143,6 +154,7 @@ class Rule:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        _take_kernel(cls)
         own_init = vars(cls).get("__init__")
         if own_init is not None and not getattr(own_init, "_opens_attributes", False):
             cls.__init__ = _constructor(own_init)  # type: ignore[method-assign]
@@ -236,12 +248,30 @@ class Rule:
         return settings(self, type(self)._hyper_names)
 
     def init(self, x: Any) -> Any:
-        """The per-parameter state for `x`; `None` for a stateless rule."""
-        return None
+        """The per-parameter state for `x`; `None` for a stateless rule.
+
+        A rule with a kernel gets zero arrays shaped like `x` (its dtype and
+        device) for the kernel's state names, and its step counter at 0.
+        """
+        kernel = getattr(self, "_kernel", None)
+        if not isinstance(kernel, Kernel) or not (kernel.state or kernel.counter is not None):
+            return None
+        xp = namespace(x)
+        state = State(**{name: xp.zeros_like(x) for name in kernel.state})
+        if kernel.counter is not None:
+            setattr(state, kernel.counter, 0)
+        return state
 
     def apply_(self, state: Any, x: Any, dx: Any) -> Any:
-        """The update to subtract from `x`, given its gradient `dx`."""
-        raise NotImplementedError(f"{type(self).__name__} does not implement apply_")
+        """The update to subtract from `x`, given its gradient `dx`.
+
+        A rule with a kernel gets this from its math, run on whole arrays of
+        `x`'s namespace (see [composeopt.kernel][composeopt.kernel]).
+        """
+        kernel = getattr(self, "_kernel", None)
+        if not isinstance(kernel, Kernel):
+            raise NotImplementedError(f"{type(self).__name__} has no kernel and does not implement apply_")
+        return _kernel_runner()(kernel, self, state, x, dx)
 
     def init_tree_(self, xs: Sequence[Any], paths: Sequence[str]) -> list[Any]:
         """States for several new parameters at once.
@@ -298,6 +328,38 @@ class Rule:
         return self.settings() == other.settings()
 
     __hash__ = None  # type: ignore[assignment]  # mutable, compared by value
+
+
+@functools.cache
+def _kernel_runner() -> Callable[..., Any]:
+    """The generic path of kernels, imported on first use (its package imports this module)."""
+    from ._fused.xp_backend import apply_kernel
+
+    return apply_kernel
+
+
+def _take_kernel(cls: type[Rule]) -> None:
+    """Move a class's public `kernel` declaration to `_kernel`, where the engine reads it.
+
+    Out of the public names, it is no attribute that an instance could set (to no effect),
+    and `help()` lists only what a user of the rule may set.
+    """
+    own = vars(cls)
+    if "kernel" not in own or isinstance(own["kernel"], Hyper):  # a hyperparameter named kernel
+        return
+    declared = own["kernel"]
+    if declared is not None and not isinstance(declared, Kernel):
+        raise TypeError(
+            f"{cls.__name__}.kernel must be a composeopt.kernel.Kernel (or None), got {declared!r}"
+        )
+    delattr(cls, "kernel")
+    cls._kernel = declared  # type: ignore[attr-defined]
+    if declared is not None and "apply_" not in own:
+        # The class's math is its kernel, even where a base class wrote an apply_ of its own:
+        # the generic path and the fast paths then compute the same thing.
+        cls.apply_ = Rule.apply_  # type: ignore[method-assign]
+        if "fallible" not in own:
+            cls.fallible = False
 
 
 def _class_defines(cls: type, name: str) -> bool:

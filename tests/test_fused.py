@@ -362,7 +362,8 @@ def test_importing_composeopt_does_not_import_numba():
 @pytest.mark.parametrize(
     "math_, message",
     [
-        ("return 2 * dx", "literal"),
+        ("return dx * 'a'", "not a real number"),
+        ("return eta", "reads no array"),
         ("return exp(dx)", "unsupported call"),
         ("dx = dx * a\nreturn dx", "may not assign 'dx'"),
         ("y = a * dx", "must end with 'return"),
@@ -377,7 +378,8 @@ def test_kernel_math_outside_the_subset_is_refused(math_, message):
 
 def test_kernel_scalars_are_the_names_it_reads():
     kernel = co.Adam._kernel
-    assert set(kernel.scalar_names) == {"b1", "keep1", "b2", "keep2", "eta", "r1", "r2", "eps"}
+    # `1 - b1` and `1 - b2` are arithmetic on scalars alone: each is one generated scalar.
+    assert set(kernel.scalar_names) == {"b1", "fold0", "b2", "fold1", "eta", "r1", "r2", "eps"}
     assert not kernel.reads_x and co.WeightDecay._kernel.reads_x
 
 

@@ -5,33 +5,21 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .._dispatch import copy, eps_for, namespace
-from .._fused.kernel import Kernel
+from .._dispatch import eps_for, namespace
 from ..errors import HyperparameterError
 from ..hyper import Hyper, HyperTuple, beta_pair, flag, nonnegative, unit_interval
+from ..kernel import Kernel
 from ..rule import Rule, State
-from ._math import DIRECTION, bias_corrected_direction, direction_scalars, ema
+from ._math import DIRECTION, direction_scalars
 
 __all__ = ["Adam", "RAdam", "AdaMax", "NAdam", "AMSGrad", "OAdam", "AdamW", "AdaBelief", "Yogi", "Adan"]
 
 
-def _moments(x: Any) -> State:
-    xp = namespace(x)
-    return State(mu=xp.zeros_like(x), nu=xp.zeros_like(x), t=0)
-
-
-def _advance(state: State, dx: Any, beta: tuple[float, float]) -> None:
-    """One step of the two moment estimates: `mu ← β1 mu + (1-β1) dx`, `nu ← β2 nu + (1-β2) dx²`."""
-    state.t += 1
-    state.mu = ema(state.mu, dx, beta[0])
-    state.nu = ema(state.nu, dx * dx, beta[1])
-
-
-# The fast paths' elementwise math (see composeopt/_fused/kernel.py), step for step as in
-# apply_: the moments as _advance updates them, then the rule's own update.
+# Each rule's math is its kernel (see composeopt/kernel.py): the moment estimates
+# `mu ← β1 mu + (1-β1) dx`, `nu ← β2 nu + (1-β2) dx²`, then the rule's own update.
 _MOMENTS = """
-mu = b1 * mu + keep1 * dx
-nu = b2 * nu + keep2 * (dx * dx)
+mu = b1 * mu + (1 - b1) * dx
+nu = b2 * nu + (1 - b2) * (dx * dx)
 """
 _DIRECTION = DIRECTION
 
@@ -40,16 +28,7 @@ def _moment_scalars(rule: Any, state: State, dtype: Any) -> dict[str, float]:
     """The scalars of the moments and of the bias-corrected direction, `state.t` already advanced."""
     (b1, b2), t = rule.beta, state.t
     r1, r2 = direction_scalars(rule.beta, t)
-    return {
-        "eta": rule.eta,
-        "b1": b1,
-        "keep1": 1 - b1,
-        "b2": b2,
-        "keep2": 1 - b2,
-        "r1": r1,
-        "r2": r2,
-        "eps": eps_for(dtype, rule.epsilon),
-    }
+    return {"eta": rule.eta, "b1": b1, "b2": b2, "r1": r1, "r2": r2, "eps": eps_for(dtype, rule.epsilon)}
 
 
 def _radam_scalars(rule: RAdam, state: State, dtype: Any) -> dict[str, float]:
@@ -78,18 +57,7 @@ def _nadam_scalars(rule: NAdam, state: State, dtype: Any) -> dict[str, float]:
 
 def _amsgrad_scalars(rule: AMSGrad, state: State, dtype: Any) -> dict[str, float]:
     (b1, b2) = rule.beta
-    return {
-        "eta": rule.eta,
-        "b1": b1,
-        "keep1": 1 - b1,
-        "b2": b2,
-        "keep2": 1 - b2,
-        "eps": eps_for(dtype, rule.epsilon),
-    }
-
-
-def _oadam_scalars(rule: OAdam, state: State, dtype: Any) -> dict[str, float]:
-    return {**_moment_scalars(rule, state, dtype), "two": 2.0}
+    return {"eta": rule.eta, "b1": b1, "b2": b2, "eps": eps_for(dtype, rule.epsilon)}
 
 
 def _adamw_scalars(rule: AdamW, state: State, dtype: Any) -> dict[str, float]:
@@ -140,21 +108,12 @@ class Adam(Rule):
         [-0.1  0.1 -0.1]
     """
 
-    fallible = False
     eta: Hyper[float] = Hyper(default=0.001, check=nonnegative)
     beta: HyperTuple[tuple[float, float]] = HyperTuple(default=(0.9, 0.999), check=beta_pair)
     epsilon: Hyper[float] = Hyper(default=1e-8, check=nonnegative)
-    _kernel = Kernel(
+    kernel = Kernel(
         _MOMENTS + f"return eta * ({_DIRECTION})", _moment_scalars, state=("mu", "nu"), counter="t"
     )
-
-    def init(self, x: Any) -> State:
-        return _moments(x)
-
-    def apply_(self, state: State, x: Any, dx: Any) -> Any:
-        _advance(state, dx, self.beta)
-        eps = eps_for(x.dtype, self.epsilon)
-        return self.eta * bias_corrected_direction(namespace(x), state.mu, state.nu, state.t, self.beta, eps)
 
 
 class RAdam(Rule):
@@ -182,31 +141,15 @@ class RAdam(Rule):
     Reference: [Liu et al. (2019)](https://arxiv.org/abs/1908.03265)
     """
 
-    fallible = False
     eta: Hyper[float] = Hyper(default=0.001, check=nonnegative)
     beta: HyperTuple[tuple[float, float]] = HyperTuple(default=(0.9, 0.999), check=beta_pair)
     epsilon: Hyper[float] = Hyper(default=1e-8, check=nonnegative)
-
-    def init(self, x: Any) -> State:
-        return _moments(x)
-
-    _kernel = Kernel(
+    kernel = Kernel(
         _MOMENTS + f"return momentum_rate * mu if warmup else eta_r * ({_DIRECTION})",
         _radam_scalars,
         state=("mu", "nu"),
         counter="t",
     )
-
-    def apply_(self, state: State, x: Any, dx: Any) -> Any:
-        _advance(state, dx, self.beta)
-        (b1, b2), t = self.beta, state.t
-        rho_inf = 2 / (1 - b2) - 1
-        rho = rho_inf - 2 * t * b2**t / (1 - b2**t)
-        if rho <= 4:
-            return self.eta / (1 - b1**t) * state.mu
-        r = math.sqrt((rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho))
-        eps = eps_for(x.dtype, self.epsilon)
-        return self.eta * r * bias_corrected_direction(namespace(x), state.mu, state.nu, t, self.beta, eps)
 
 
 class AdaMax(Rule):
@@ -231,17 +174,12 @@ class AdaMax(Rule):
     Reference: [Kingma & Ba (2014), section 7](https://arxiv.org/abs/1412.6980)
     """
 
-    fallible = False
     eta: Hyper[float] = Hyper(default=0.001, check=nonnegative)
     beta: HyperTuple[tuple[float, float]] = HyperTuple(default=(0.9, 0.999), check=beta_pair)
     epsilon: Hyper[float] = Hyper(default=1e-8, check=nonnegative)
-
-    def init(self, x: Any) -> State:
-        return _moments(x)
-
-    _kernel = Kernel(
+    kernel = Kernel(
         """
-        mu = b1 * mu + keep1 * dx
+        mu = b1 * mu + (1 - b1) * dx
         nu = maximum(b2 * nu, abs(dx))
         return rate * mu / (nu + eps)
         """,
@@ -249,15 +187,6 @@ class AdaMax(Rule):
         state=("mu", "nu"),
         counter="t",
     )
-
-    def apply_(self, state: State, x: Any, dx: Any) -> Any:
-        xp = namespace(x)
-        b1, b2 = self.beta
-        state.t += 1
-        state.mu = ema(state.mu, dx, b1)
-        state.nu = xp.maximum(b2 * state.nu, xp.abs(dx))
-        eps = eps_for(x.dtype, self.epsilon)
-        return self.eta / (1 - b1**state.t) * state.mu / (state.nu + eps)
 
 
 class NAdam(Rule):
@@ -285,28 +214,15 @@ class NAdam(Rule):
     Reference: [Dozat (2016)](https://openreview.net/forum?id=OM0jvwB8jIp57ZJjtNEZ)
     """
 
-    fallible = False
     eta: Hyper[float] = Hyper(default=0.001, check=nonnegative)
     beta: HyperTuple[tuple[float, float]] = HyperTuple(default=(0.9, 0.999), check=beta_pair)
     epsilon: Hyper[float] = Hyper(default=1e-8, check=nonnegative)
-
-    def init(self, x: Any) -> State:
-        return _moments(x)
-
-    _kernel = Kernel(
+    kernel = Kernel(
         _MOMENTS + "return eta * (ahead * mu + now * dx) / (sqrt(root * nu) + eps)",
         _nadam_scalars,
         state=("mu", "nu"),
         counter="t",
     )
-
-    def apply_(self, state: State, x: Any, dx: Any) -> Any:
-        xp = namespace(x)
-        _advance(state, dx, self.beta)
-        (b1, b2), t = self.beta, state.t
-        eps = eps_for(x.dtype, self.epsilon)
-        numerator = b1 / (1 - b1 ** (t + 1)) * state.mu + (1 - b1) / (1 - b1**t) * dx
-        return self.eta * numerator / (xp.sqrt(b2 / (1 - b2**t) * state.nu) + eps)
 
 
 class AMSGrad(Rule):
@@ -334,12 +250,10 @@ class AMSGrad(Rule):
     Reference: [Reddi, Kale & Kumar (2018)](https://openreview.net/forum?id=ryQu7f-RZ)
     """
 
-    fallible = False
     eta: Hyper[float] = Hyper(default=0.001, check=nonnegative)
     beta: HyperTuple[tuple[float, float]] = HyperTuple(default=(0.9, 0.999), check=beta_pair)
     epsilon: Hyper[float] = Hyper(default=1e-8, check=nonnegative)
-
-    _kernel = Kernel(
+    kernel = Kernel(
         _MOMENTS + "nu_max = maximum(nu_max, nu)\nreturn eta * mu / (sqrt(nu_max) + eps)",
         _amsgrad_scalars,
         state=("mu", "nu", "nu_max"),
@@ -352,14 +266,6 @@ class AMSGrad(Rule):
             nu=xp.full_like(x, self.epsilon),
             nu_max=xp.full_like(x, self.epsilon),
         )
-
-    def apply_(self, state: State, x: Any, dx: Any) -> Any:
-        xp = namespace(x)
-        b1, b2 = self.beta
-        state.mu = ema(state.mu, dx, b1)
-        state.nu = ema(state.nu, dx * dx, b2)
-        state.nu_max = xp.maximum(state.nu_max, state.nu)
-        return self.eta * state.mu / (xp.sqrt(state.nu_max) + eps_for(x.dtype, self.epsilon))
 
 
 class OAdam(Rule):
@@ -381,31 +287,16 @@ class OAdam(Rule):
     Reference: [Daskalakis et al. (2017)](https://arxiv.org/abs/1711.00141)
     """
 
-    fallible = False
     eta: Hyper[float] = Hyper(default=0.001, check=nonnegative)
     beta: HyperTuple[tuple[float, float]] = HyperTuple(default=(0.5, 0.9), check=beta_pair)
     epsilon: Hyper[float] = Hyper(default=1e-8, check=nonnegative)
-
-    _kernel = Kernel(
+    kernel = Kernel(
         _MOMENTS
-        + f"step = eta * ({_DIRECTION})\nchange = two * step - previous\nprevious = step\nreturn change",
-        _oadam_scalars,
+        + f"step = eta * ({_DIRECTION})\nchange = 2 * step - previous\nprevious = step\nreturn change",
+        _moment_scalars,
         state=("mu", "nu", "previous"),
         counter="t",
     )
-
-    def init(self, x: Any) -> State:
-        state = _moments(x)
-        state.previous = namespace(x).zeros_like(x)
-        return state
-
-    def apply_(self, state: State, x: Any, dx: Any) -> Any:
-        _advance(state, dx, self.beta)
-        eps = eps_for(x.dtype, self.epsilon)
-        step = self.eta * bias_corrected_direction(namespace(x), state.mu, state.nu, state.t, self.beta, eps)
-        change = 2 * step - state.previous
-        state.previous = step
-        return change
 
 
 class AdamW(Rule):
@@ -447,19 +338,8 @@ class AdamW(Rule):
     couple: Hyper[bool] = Hyper(default=True, check=flag)
 
     @property
-    def _kernel(self) -> Kernel:
+    def _kernel(self) -> Kernel:  # init and apply_ come from it, as from a class's kernel
         return _ADAMW_COUPLED if self.couple else _ADAMW_DECOUPLED
-
-    def init(self, x: Any) -> State:
-        return _moments(x)
-
-    def apply_(self, state: State, x: Any, dx: Any) -> Any:
-        _advance(state, dx, self.beta)
-        eps = eps_for(x.dtype, self.epsilon)
-        direction = bias_corrected_direction(namespace(x), state.mu, state.nu, state.t, self.beta, eps)
-        if self.couple:
-            return self.eta * (direction + self.lambda_ * x)
-        return self.eta * direction + self.lambda_ * x
 
 
 class AdaBelief(Rule):
@@ -484,15 +364,14 @@ class AdaBelief(Rule):
     Reference: [Zhuang et al. (2020)](https://arxiv.org/abs/2010.07468)
     """
 
-    fallible = False
     eta: Hyper[float] = Hyper(default=0.001, check=nonnegative)
     beta: HyperTuple[tuple[float, float]] = HyperTuple(default=(0.9, 0.999), check=beta_pair)
     epsilon: Hyper[float] = Hyper(default=1e-16, check=nonnegative)
-    _kernel = Kernel(
+    kernel = Kernel(
         f"""
-        mu = b1 * mu + keep1 * dx
+        mu = b1 * mu + (1 - b1) * dx
         surprise = dx - mu
-        nu = b2 * nu + keep2 * (surprise * surprise)
+        nu = b2 * nu + (1 - b2) * (surprise * surprise)
         nu = nu + eps
         return eta * ({_DIRECTION})
         """,
@@ -500,19 +379,6 @@ class AdaBelief(Rule):
         state=("mu", "nu"),
         counter="t",
     )
-
-    def init(self, x: Any) -> State:
-        return _moments(x)
-
-    def apply_(self, state: State, x: Any, dx: Any) -> Any:
-        b1, b2 = self.beta
-        eps = eps_for(x.dtype, self.epsilon)
-        state.t += 1
-        state.mu = ema(state.mu, dx, b1)
-        surprise = dx - state.mu
-        state.nu = ema(state.nu, surprise * surprise, b2)
-        state.nu += eps
-        return self.eta * bias_corrected_direction(namespace(x), state.mu, state.nu, state.t, self.beta, eps)
 
 
 class Yogi(Rule):
@@ -543,16 +409,15 @@ class Yogi(Rule):
     Reference: [Zaheer et al. (2018)](https://papers.nips.cc/paper/8186-adaptive-methods-for-nonconvex-optimization)
     """
 
-    fallible = False
     eta: Hyper[float] = Hyper(default=0.01, check=nonnegative)
     beta: HyperTuple[tuple[float, float]] = HyperTuple(default=(0.9, 0.999), check=beta_pair)
     epsilon: Hyper[float] = Hyper(default=0.001, check=nonnegative)
     initial_accumulator: Hyper[float] = Hyper(default=1e-6, check=nonnegative)
-    _kernel = Kernel(
+    kernel = Kernel(
         f"""
-        mu = b1 * mu + keep1 * dx
+        mu = b1 * mu + (1 - b1) * dx
         square = dx * dx
-        nu = nu - keep2 * sign(nu - square) * square
+        nu = nu - (1 - b2) * sign(nu - square) * square
         return eta * ({_DIRECTION})
         """,
         _moment_scalars,
@@ -564,16 +429,6 @@ class Yogi(Rule):
         xp = namespace(x)
         start = self.initial_accumulator
         return State(mu=xp.full_like(x, start), nu=xp.full_like(x, start), t=0)
-
-    def apply_(self, state: State, x: Any, dx: Any) -> Any:
-        xp = namespace(x)
-        b1, b2 = self.beta
-        state.t += 1
-        state.mu = ema(state.mu, dx, b1)
-        square = dx * dx
-        state.nu -= (1 - b2) * xp.sign(state.nu - square) * square
-        eps = eps_for(x.dtype, self.epsilon)
-        return self.eta * bias_corrected_direction(xp, state.mu, state.nu, state.t, self.beta, eps)
 
 
 def beta_triple(value: Any) -> tuple[float, float, float]:
@@ -590,13 +445,10 @@ def _adan_scalars(rule: Adan, state: State, dtype: Any) -> dict[str, float]:
     return {
         "eta": rule.eta,
         "lam": rule.lambda_,
-        "later": 0.0 if t == 1 else 1.0,
+        "later": 0.0 if t == 1 else 1.0,  # no previous gradient at the first step
         "b1": b1,
-        "keep1": 1 - b1,
         "b2": b2,
-        "keep2": 1 - b2,
         "b3": b3,
-        "keep3": 1 - b3,
         "c1": 1 - b1**t,
         "c2": 1 - b2**t,
         "c3": 1 - b3**t,
@@ -645,18 +497,17 @@ class Adan(Rule):
     Reference: [Xie et al. (2022)](https://arxiv.org/abs/2208.06677)
     """
 
-    fallible = False
     eta: Hyper[float] = Hyper(default=0.001, check=nonnegative)
     beta: HyperTuple[tuple[float, float, float]] = HyperTuple(default=(0.98, 0.92, 0.99), check=beta_triple)
     epsilon: Hyper[float] = Hyper(default=1e-8, check=nonnegative)
     lambda_: Hyper[float] = Hyper(default=0.0, check=nonnegative)
-    _kernel = Kernel(
+    kernel = Kernel(
         """
         change = (dx - previous) * later
-        mu = b1 * mu + keep1 * dx
-        delta = b2 * delta + keep2 * change
+        mu = b1 * mu + (1 - b1) * dx
+        delta = b2 * delta + (1 - b2) * change
         ahead = dx + b2 * change
-        nu = b3 * nu + keep3 * (ahead * ahead)
+        nu = b3 * nu + (1 - b3) * (ahead * ahead)
         previous = dx
         direction = (mu / c1 + b2 * (delta / c2)) / (sqrt(nu / c3 + eps) + eps)
         return eta * (direction + lam * x)
@@ -665,25 +516,3 @@ class Adan(Rule):
         state=("mu", "delta", "nu", "previous"),
         counter="t",
     )
-
-    def init(self, x: Any) -> State:
-        xp = namespace(x)
-        return State(
-            mu=xp.zeros_like(x), delta=xp.zeros_like(x), nu=xp.zeros_like(x), previous=xp.zeros_like(x), t=0
-        )
-
-    def apply_(self, state: State, x: Any, dx: Any) -> Any:
-        xp = namespace(x)
-        b1, b2, b3 = self.beta
-        state.t += 1
-        t = state.t
-        change = (dx - state.previous) * (0.0 if t == 1 else 1.0)  # no previous gradient at first
-        state.mu = ema(state.mu, dx, b1)
-        state.delta = ema(state.delta, change, b2)
-        ahead = dx + b2 * change
-        state.nu = ema(state.nu, ahead * ahead, b3)
-        state.previous = copy(xp, dx)
-        eps = eps_for(x.dtype, self.epsilon)
-        numerator = state.mu / (1 - b1**t) + b2 * (state.delta / (1 - b2**t))
-        direction = numerator / (xp.sqrt(state.nu / (1 - b3**t) + eps) + eps)
-        return self.eta * (direction + self.lambda_ * x)

@@ -5,16 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 from .._dispatch import eps_for, namespace
-from .._fused.kernel import Kernel
 from ..hyper import Hyper, flag, nonnegative, unit_interval
+from ..kernel import Kernel
 from ..rule import Rule, State
-from ._math import ema
 
 __all__ = ["RMSProp", "AdaGrad", "AdaDelta"]
 
 
 def _rmsprop(rule: RMSProp, state: Any, dtype: Any) -> dict[str, float]:
-    return {"eta": rule.eta, "rho": rule.rho, "keep": 1 - rule.rho, "eps": eps_for(dtype, rule.epsilon)}
+    return {"eta": rule.eta, "rho": rule.rho, "eps": eps_for(dtype, rule.epsilon)}
 
 
 def _adagrad(rule: AdaGrad, state: Any, dtype: Any) -> dict[str, float]:
@@ -22,12 +21,12 @@ def _adagrad(rule: AdaGrad, state: Any, dtype: Any) -> dict[str, float]:
 
 
 def _adadelta(rule: AdaDelta, state: Any, dtype: Any) -> dict[str, float]:
-    return {"rho": rule.rho, "keep": 1 - rule.rho, "eps": eps_for(dtype, rule.epsilon)}
+    return {"rho": rule.rho, "eps": eps_for(dtype, rule.epsilon)}
 
 
 _RMSPROP = Kernel(
     """
-    s = rho * s + keep * (dx * dx)
+    s = rho * s + (1 - rho) * (dx * dx)
     return eta * dx / (sqrt(s) + eps)
     """,
     _rmsprop,
@@ -35,8 +34,8 @@ _RMSPROP = Kernel(
 )
 _RMSPROP_CENTRED = Kernel(
     """
-    s = rho * s + keep * (dx * dx)
-    g = rho * g + keep * dx
+    s = rho * s + (1 - rho) * (dx * dx)
+    g = rho * g + (1 - rho) * dx
     return eta * dx / (sqrt(s - g * g) + eps)
     """,
     _rmsprop,
@@ -89,15 +88,9 @@ class RMSProp(Rule):
         return State(s=xp.zeros_like(x), g=xp.zeros_like(x) if self.centred else None)
 
     def apply_(self, state: State, x: Any, dx: Any) -> Any:
-        xp = namespace(x)
-        state.s = ema(state.s, dx * dx, self.rho)
-        variance = state.s
-        if self.centred:
-            if state.g is None:  # centred was switched on after the first step
-                state.g = xp.zeros_like(x)
-            state.g = ema(state.g, dx, self.rho)
-            variance = state.s - state.g * state.g
-        return self.eta * dx / (xp.sqrt(variance) + eps_for(x.dtype, self.epsilon))
+        if self.centred and state.g is None:  # centred was switched on after the first steps
+            state.g = namespace(x).zeros_like(x)
+        return super().apply_(state, x, dx)  # the kernel's math
 
 
 class AdaGrad(Rule):
@@ -122,18 +115,12 @@ class AdaGrad(Rule):
     Reference: [Duchi, Hazan & Singer (2011)](https://www.jmlr.org/papers/v12/duchi11a.html)
     """
 
-    fallible = False
     eta: Hyper[float] = Hyper(default=0.1, check=nonnegative)
     epsilon: Hyper[float] = Hyper(default=1e-8, check=nonnegative)
-    _kernel = Kernel("s = s + dx * dx\nreturn eta * dx / (sqrt(s) + eps)", _adagrad, state=("s",))
+    kernel = Kernel("s = s + dx * dx\nreturn eta * dx / (sqrt(s) + eps)", _adagrad, state=("s",))
 
     def init(self, x: Any) -> State:
         return State(s=namespace(x).full_like(x, self.epsilon))
-
-    def apply_(self, state: State, x: Any, dx: Any) -> Any:
-        xp = namespace(x)
-        state.s += dx * dx
-        return self.eta * dx / (xp.sqrt(state.s) + eps_for(x.dtype, self.epsilon))
 
 
 class AdaDelta(Rule):
@@ -155,28 +142,15 @@ class AdaDelta(Rule):
     Reference: [Zeiler (2012)](https://arxiv.org/abs/1212.5701)
     """
 
-    fallible = False
     rho: Hyper[float] = Hyper(default=0.9, check=unit_interval)
     epsilon: Hyper[float] = Hyper(default=1e-8, check=nonnegative)
-    _kernel = Kernel(
+    kernel = Kernel(
         """
-        s = rho * s + keep * (dx * dx)
+        s = rho * s + (1 - rho) * (dx * dx)
         change = dx * sqrt(u + eps) / sqrt(s + eps)
-        u = rho * u + keep * (change * change)
+        u = rho * u + (1 - rho) * (change * change)
         return change
         """,
         _adadelta,
         state=("s", "u"),
     )
-
-    def init(self, x: Any) -> State:
-        xp = namespace(x)
-        return State(s=xp.zeros_like(x), u=xp.zeros_like(x))
-
-    def apply_(self, state: State, x: Any, dx: Any) -> Any:
-        xp = namespace(x)
-        eps = eps_for(x.dtype, self.epsilon)
-        state.s = ema(state.s, dx * dx, self.rho)
-        change = dx * xp.sqrt(state.u + eps) / xp.sqrt(state.s + eps)
-        state.u = ema(state.u, change * change, self.rho)
-        return change

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
-
-from .._fused.kernel import Kernel
 from ..hyper import Hyper, decay_factor, nonnegative, nonnegative_int, positive_int
+from ..kernel import Kernel
 from ..rule import Rule
 
 __all__ = ["WeightDecay", "ExpDecay", "InvDecay"]
@@ -35,12 +33,8 @@ class WeightDecay(Rule):
         [1.9]
     """
 
-    fallible = False
     lambda_: Hyper[float] = Hyper(default=5e-4, check=nonnegative)
-    _kernel = Kernel("return dx + lam * x", lambda rule, state, dtype: {"lam": rule.lambda_})
-
-    def apply_(self, state: Any, x: Any, dx: Any) -> Any:
-        return dx + self.lambda_ * x
+    kernel = Kernel("return dx + lambda_ * x")
 
 
 class ExpDecay(Rule):
@@ -82,20 +76,16 @@ class ExpDecay(Rule):
         0.025
     """
 
-    fallible = False
     eta: Hyper[float] = Hyper(default=0.001, check=nonnegative)
     decay: Hyper[float] = Hyper(default=0.1, check=decay_factor)
     decay_step: Hyper[int] = Hyper(default=1000, check=positive_int)
     clip: Hyper[float] = Hyper(default=1e-4, check=nonnegative)
     start: Hyper[int] = Hyper(default=0, check=nonnegative_int)
-    _kernel = Kernel("return eta * dx", lambda rule, state, dtype: {"eta": rule.eta})
+    kernel = Kernel("return eta * dx")
 
     def begin_step(self, step: int) -> None:
         if step > self.start and step % self.decay_step == 0:
             self.eta = max(self.eta * self.decay, self.clip)
-
-    def apply_(self, state: Any, x: Any, dx: Any) -> Any:
-        return self.eta * dx
 
 
 class InvDecay(Rule):
@@ -119,15 +109,9 @@ class InvDecay(Rule):
         [-5.]
     """
 
-    fallible = False
     gamma: Hyper[float] = Hyper(default=0.001, check=nonnegative)
     step = 1  # the optimiser step, set by the engine through begin_step
-    _kernel = Kernel(
-        "return dx / slowdown", lambda rule, state, dtype: {"slowdown": 1 + rule.gamma * rule.step}
-    )
+    kernel = Kernel("return dx / (1 + gamma * step)")
 
     def begin_step(self, step: int) -> None:
         self.step = step
-
-    def apply_(self, state: Any, x: Any, dx: Any) -> Any:
-        return dx / (1 + self.gamma * self.step)

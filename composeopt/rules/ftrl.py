@@ -9,9 +9,9 @@ from typing import Any
 from array_api_compat import device
 
 from .._dispatch import namespace
-from .._fused.kernel import Kernel
 from ..errors import HyperparameterError
 from ..hyper import Hyper, nonnegative, positive
+from ..kernel import Kernel
 from ..rule import Rule, State
 from ._math import clamp, widened, widened_dtype
 
@@ -28,11 +28,7 @@ def nonpositive(value: Any) -> float:
     return number
 
 
-def _ftrl_scalars(rule: FTRL, state: Any, dtype: Any) -> dict[str, float]:
-    return {"eta": rule.eta, "low": -rule.l1, "high": rule.l1, "two_l2": 2 * rule.l2}
-
-
-# The kernel language has no power function: the fast path is the default power, -1/2.
+# The fast path of the default power, -1/2 (the kernel language has no power function).
 # `clamp(z, -l1, l1) - z` is `sign(z) l1 - z` where |z| > l1, and 0 elsewhere.
 _SQRT_KERNEL = Kernel(
     """
@@ -40,10 +36,9 @@ _SQRT_KERNEL = Kernel(
     root = sqrt(fresh)
     linear = linear + (dx - (root - sqrt(accum)) / eta * x)
     accum = fresh
-    target = (minimum(maximum(linear, low), high) - linear) / (root / eta + two_l2)
+    target = (minimum(maximum(linear, -l1), l1) - linear) / (root / eta + 2 * l2)
     return x - target
     """,
-    _ftrl_scalars,
     state=("accum", "linear"),
 )
 
@@ -104,6 +99,9 @@ class FTRL(Rule):
     l1: Hyper[float] = Hyper(default=0.0, check=nonnegative)
     l2: Hyper[float] = Hyper(default=0.0, check=nonnegative)
 
+    # apply_ is written out beside the kernel, which cannot say two things it does: a power
+    # other than -1/2, and the float32 state and arithmetic of a 16-bit parameter (the kernel
+    # computes in the parameter's dtype).  For float32 and float64 they compute the same.
     @property
     def _kernel(self) -> Kernel | None:
         return _SQRT_KERNEL if self.lr_power == -0.5 else None

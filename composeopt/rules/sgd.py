@@ -4,28 +4,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from .._dispatch import namespace
-from .._fused.kernel import Kernel
 from ..chain import Optimiser
 from ..errors import HyperparameterError
 from ..hyper import Hyper, nonnegative, unit_interval
-from ..rule import Rule, State
+from ..kernel import Kernel
+from ..rule import Rule
 from .decay import WeightDecay
 
 __all__ = ["Descent", "Momentum", "Nesterov", "SGD"]
 
 
-def _eta(rule: Descent, state: Any, dtype: Any) -> dict[str, float]:
-    return {"eta": rule.eta}
-
-
-def _eta_rho(rule: Momentum, state: Any, dtype: Any) -> dict[str, float]:
-    return {"eta": rule.eta, "rho": rule.rho}
-
-
 def _nesterov(rule: Nesterov, state: Any, dtype: Any) -> dict[str, float]:
-    rho, eta = rule.rho, rule.eta
-    return {"eta": eta, "rho": rho, "lead": (1 + rho) * eta, "rho2": rho**2}
+    return {"eta": rule.eta, "rho": rule.rho, "rho2": rule.rho**2}  # `**`: the kernel has no power
 
 
 class Descent(Rule):
@@ -46,12 +36,8 @@ class Descent(Rule):
         [0.9 2.1]
     """
 
-    fallible = False
     eta: Hyper[float] = Hyper(default=0.1, check=nonnegative)
-    _kernel = Kernel("return eta * dx", _eta)
-
-    def apply_(self, state: Any, x: Any, dx: Any) -> Any:
-        return self.eta * dx
+    kernel = Kernel("return eta * dx")
 
 
 class Momentum(Rule):
@@ -80,18 +66,9 @@ class Momentum(Rule):
         [0.75]
     """
 
-    fallible = False
     eta: Hyper[float] = Hyper(default=0.01, check=nonnegative)
     rho: Hyper[float] = Hyper(default=0.9, check=unit_interval)
-    _kernel = Kernel("v = rho * v + eta * dx\nreturn v", _eta_rho, state=("v",))
-
-    def init(self, x: Any) -> State:
-        return State(v=namespace(x).zeros_like(x))
-
-    def apply_(self, state: State, x: Any, dx: Any) -> Any:
-        state.v *= self.rho
-        state.v += self.eta * dx
-        return namespace(x).asarray(state.v, copy=True)
+    kernel = Kernel("v = rho * v + eta * dx\nreturn v", state=("v",))
 
 
 class Nesterov(Rule):
@@ -114,28 +91,17 @@ class Nesterov(Rule):
     Reference: [Sutskever et al. (2013)](http://proceedings.mlr.press/v28/sutskever13.html)
     """
 
-    fallible = False
     eta: Hyper[float] = Hyper(default=0.001, check=nonnegative)
     rho: Hyper[float] = Hyper(default=0.9, check=unit_interval)
-    _kernel = Kernel(
+    kernel = Kernel(
         """
-        change = lead * dx - rho2 * v
+        change = (1 + rho) * eta * dx - rho2 * v
         v = rho * v - eta * dx
         return change
         """,
         _nesterov,
         state=("v",),
     )
-
-    def init(self, x: Any) -> State:
-        return State(v=namespace(x).zeros_like(x))
-
-    def apply_(self, state: State, x: Any, dx: Any) -> Any:
-        rho, eta = self.rho, self.eta
-        change = (1 + rho) * eta * dx - rho**2 * state.v
-        state.v *= rho
-        state.v -= eta * dx
-        return change
 
 
 def SGD(eta: float = 0.001, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0) -> Rule:

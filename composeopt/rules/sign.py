@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from .._dispatch import namespace
-from .._fused.kernel import Kernel
 from ..errors import HyperparameterError
 from ..hyper import Hyper, HyperTuple, beta_pair, nonnegative, positive
+from ..kernel import Kernel
 from ..rule import Rule, State
-from ._math import clamp, ema
 
 __all__ = ["Rprop", "Lion", "SignDecay"]
 
@@ -42,7 +41,7 @@ def step_bounds(value: Any) -> tuple[float, float]:
 
 def _rprop_scalars(rule: Rprop, state: Any, dtype: Any) -> dict[str, float]:
     (down, up), (low, high) = rule.ell, rule.gamma
-    return {"zero": 0.0, "one": 1.0, "down": down, "up": up, "low": low, "high": high}
+    return {"down": down, "up": up, "low": low, "high": high}
 
 
 class Rprop(Rule):
@@ -90,20 +89,20 @@ class Rprop(Rule):
         [-0.16]
     """
 
-    fallible = False
     eta: Hyper[float] = Hyper(default=0.001, check=nonnegative)
     ell: HyperTuple[tuple[float, float]] = HyperTuple(default=(0.5, 1.2), check=rprop_factors)
     gamma: HyperTuple[tuple[float, float]] = HyperTuple(default=(1e-6, 50.0), check=step_bounds)
     # `turn` is -1, 0 or 1, so `held` and `flipped` are 0 or 1 and the factor is exactly
-    # `up`, `down` or `one`: the same products as torch's.
-    _kernel = Kernel(
+    # `up`, `down` or 1: the same products as torch's.  Where the sign flipped, torch zeroes
+    # the gradient it keeps.
+    kernel = Kernel(
         """
         turn = sign(dx * previous)
-        held = maximum(turn, zero)
+        held = maximum(turn, 0)
         flipped = held - turn
-        factor = up * held + down * flipped + (one - held - flipped)
+        factor = up * held + down * flipped + (1 - held - flipped)
         step = minimum(maximum(step * factor, low), high)
-        previous = dx * (one - flipped)
+        previous = dx * (1 - flipped)
         return sign(previous) * step
         """,
         _rprop_scalars,
@@ -114,21 +113,10 @@ class Rprop(Rule):
         xp = namespace(x)
         return State(step=xp.full_like(x, self.eta), previous=xp.zeros_like(x))
 
-    def apply_(self, state: State, x: Any, dx: Any) -> Any:
-        xp = namespace(x)
-        (down, up), (low, high) = self.ell, self.gamma
-        turn = xp.sign(dx * state.previous)
-        held = xp.maximum(turn, 0.0)
-        flipped = held - turn
-        factor = up * held + down * flipped + (1.0 - held - flipped)
-        state.step = clamp(xp, state.step * factor, low, high)
-        state.previous = dx * (1.0 - flipped)  # torch zeroes the gradient where its sign flipped
-        return xp.sign(state.previous) * state.step
-
 
 def _lion_scalars(rule: Lion, state: Any, dtype: Any) -> dict[str, float]:
     b1, b2 = rule.beta
-    return {"eta": rule.eta, "b1": b1, "keep1": 1 - b1, "b2": b2, "keep2": 1 - b2}
+    return {"eta": rule.eta, "b1": b1, "b2": b2}
 
 
 class Lion(Rule):
@@ -165,28 +153,17 @@ class Lion(Rule):
         [-0.1  0.1  0. ]
     """
 
-    fallible = False
     eta: Hyper[float] = Hyper(default=0.0001, check=nonnegative)
     beta: HyperTuple[tuple[float, float]] = HyperTuple(default=(0.9, 0.99), check=beta_pair)
-    _kernel = Kernel(
+    kernel = Kernel(
         """
-        direction = sign(b1 * mu + keep1 * dx)
-        mu = b2 * mu + keep2 * dx
+        direction = sign(b1 * mu + (1 - b1) * dx)
+        mu = b2 * mu + (1 - b2) * dx
         return eta * direction
         """,
         _lion_scalars,
         state=("mu",),
     )
-
-    def init(self, x: Any) -> State:
-        return State(mu=namespace(x).zeros_like(x))
-
-    def apply_(self, state: State, x: Any, dx: Any) -> Any:
-        xp = namespace(x)
-        b1, b2 = self.beta
-        direction = xp.sign(b1 * state.mu + (1 - b1) * dx)
-        state.mu = ema(state.mu, dx, b2)
-        return self.eta * direction
 
 
 class SignDecay(Rule):
@@ -212,9 +189,5 @@ class SignDecay(Rule):
         [ 1.95 -2.95  0.  ]
     """
 
-    fallible = False
     lambda_: Hyper[float] = Hyper(default=0.001, check=nonnegative)
-    _kernel = Kernel("return dx + lam * sign(x)", lambda rule, state, dtype: {"lam": rule.lambda_})
-
-    def apply_(self, state: Any, x: Any, dx: Any) -> Any:
-        return dx + self.lambda_ * namespace(x).sign(x)
+    kernel = Kernel("return dx + lambda_ * sign(x)")
