@@ -27,7 +27,6 @@ are not installed are skipped, with the reason in the report.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import gc
 import importlib
@@ -46,6 +45,7 @@ from ..chain import Optimiser
 from ..engine import update_
 from ..groups import Groups
 from ..hyper import Hyper
+from ..kernel import Kernel
 from ..rule import Rule
 from ..rules.adam import Adam, AdamW
 from ..rules.clip import ClipGlobalNorm, ClipNorm
@@ -86,33 +86,15 @@ MUON: dict[str, Any] = {
 """torch.optim.Muon's defaults in torch 2.13, written out so that both sides are given the same."""
 
 
-def kernel_module() -> str | None:
-    """Where `Kernel` comes from: the public kernel language once it exists, else the private one."""
-    for name in ("composeopt.kernel", "composeopt._fused.kernel"):
-        with contextlib.suppress(ImportError):
-            if hasattr(importlib.import_module(name), "Kernel"):
-                return name
-    return None
-
-
-def _user_kernel(text: str, scalars: Callable[[Any, Any, Any], dict[str, float]]) -> Any:
-    module = kernel_module()
-    return None if module is None else importlib.import_module(module).Kernel(text, scalars)
-
-
 class ScaleGradient(Rule):
     """A rule as a user writes one: `ScaleGradient(factor=0.5)`, the update `factor * dx`.
 
-    The gradient keeps its sign and shrinks by `factor`.  `_kernel` is the same
-    math in the kernel language: the rule's elementwise fast path.
+    Its math is written once, in the kernel language; the generic path
+    interprets it, and the fast path fuses it with the rules around it.
     """
 
-    fallible = False  # a product cannot raise
     factor: Hyper[float] = Hyper(default=0.5)
-    _kernel = _user_kernel("return factor * dx", lambda rule, state, dtype: {"factor": rule.factor})
-
-    def apply_(self, state: Any, x: Any, dx: Any) -> Any:
-        return self.factor * dx
+    kernel = Kernel("return factor * dx")
 
 
 def _is_vector(path: Path, x: Any) -> bool:
@@ -536,7 +518,6 @@ def recipes_report(scale: float, reps: int) -> dict[str, Any]:
     return {
         "scale": scale,
         "versions": {name: _version(name) for name in ("numpy", "torch", "jax", "optax")},
-        "user_rule_kernel_from": kernel_module(),
         "rows": rows,
     }
 
