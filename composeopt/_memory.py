@@ -198,8 +198,8 @@ proves nothing about them)."""
 STRIDES = SHAPE + MAX_NDIM
 WIDTH = STRIDES + MAX_NDIM
 
-C_CONTIGUOUS = 0x0001
-"""NumPy's flag bit `NPY_ARRAY_C_CONTIGUOUS`, in the FLAGS column."""
+C_CONTIGUOUS, ALIGNED = 0x0001, 0x0100
+"""NumPy's flag bits `NPY_ARRAY_C_CONTIGUOUS` and `NPY_ARRAY_ALIGNED`, in the FLAGS column."""
 
 _Read = Callable[..., Any]
 _reader: list[tuple[_Read, _Read] | None] = []  # empty until first asked: [(read, agree), or None]
@@ -296,9 +296,10 @@ def _checked_reader() -> tuple[_Read, _Read] | None:
 
 def readable_in_place(starts: Any, lengths: Any, flags: Any, written_starts: Any, written_ends: Any) -> bool:
     """Whether a step that writes the byte ranges `[written_starts[k], written_ends[k])`
-    (sorted and disjoint) may read arrays where they are: each (`lengths[i]` bytes from
-    `starts[i]`, with NumPy `flags[i]`) C-contiguous, so that those bytes are all of it,
-    and meeting none of them.  Needs numba (`headers_readable()`), as do its callers."""
+    (sorted and disjoint) may read arrays where they are, as a compiled loop over plain
+    pointers reads them: each (`lengths[i]` bytes from `starts[i]`, with NumPy `flags[i]`)
+    C-contiguous, so that those bytes are all of it, aligned, and meeting none of the
+    written ranges.  Needs numba (`headers_readable()`), as do its callers."""
     from ._numba_memory import readable_in_place as compiled
 
-    return bool(compiled(starts, lengths, flags, C_CONTIGUOUS, written_starts, written_ends))
+    return bool(compiled(starts, lengths, flags, C_CONTIGUOUS | ALIGNED, written_starts, written_ends))

@@ -121,13 +121,13 @@ def agree(
 
 @njit(cache=True)
 def readable_in_place(
-    starts: Any, lengths: Any, flags: Any, contiguous: int, written_starts: Any, written_ends: Any
+    starts: Any, lengths: Any, flags: Any, required: int, written_starts: Any, written_ends: Any
 ) -> bool:  # pragma: no cover - compiled
-    """Whether every array `i` (`lengths[i]` bytes from `starts[i]`, with `flags[i]`) has the
-    flag bit `contiguous` and meets none of the written ranges, which are sorted and disjoint:
+    """Whether every array `i` (`lengths[i]` bytes from `starts[i]`, with `flags[i]`) has all
+    the flag bits `required` and meets none of the written ranges, which are sorted and disjoint:
     only the first of them that ends after an array starts can meet it."""
     for i in range(starts.shape[0]):
-        if not flags[i] & contiguous:
+        if flags[i] & required != required:
             return False
         if lengths[i] == 0:
             continue

@@ -295,11 +295,21 @@ def _a_view_of_one_buffer(params, step):
     return flat.tree
 
 
+def _unaligned(params, step):
+    grads = []
+    for g in leaves(gradients(params, step)):
+        view = np.empty(g.nbytes + 1, np.uint8)[1:].view(g.dtype).reshape(g.shape)  # an odd address
+        view[...] = g
+        grads.append(view)
+    return grads
+
+
 UNUSUAL_GRADIENTS = {
     "float64": lambda params, step: gradients(params, step, np.float64),
     "the-parameters": lambda params, step: params,  # the loss |x|^2 / 2
     "fortran": _fortran,
     "read-only": _read_only,
+    "unaligned": _unaligned,
     "views-of-one-buffer": _a_view_of_one_buffer,
 }
 
@@ -307,7 +317,7 @@ UNUSUAL_GRADIENTS = {
 @pytest.mark.parametrize("grads", UNUSUAL_GRADIENTS)
 def test_unusual_gradients(grads, batched):
     make_grads = UNUSUAL_GRADIENTS[grads]
-    make_params = (lambda: leaves(model())) if grads in ("fortran", "read-only") else model
+    make_params = (lambda: leaves(model())) if grads in ("fortran", "read-only", "unaligned") else model
     assert_same(*both_ways(make_params, make_grads))
 
 

@@ -17,8 +17,8 @@ table.  The next step then
 2. checks what only this way of running the step needs: that every state
    still holds the same arrays and step counts (a state changed by hand,
    `state.mu = ...`, does not move the store's version), and that every
-   gradient is C-contiguous and shares no memory with a parameter or a state,
-   since the kernel reads it where it is;
+   gradient is C-contiguous, aligned and shares no memory with a parameter or
+   a state, since the kernel reads it where it is;
 3. runs one generated numba function per thread over the table.
 
 If any of that fails, the ordinary path takes the step: its full check gives
@@ -181,10 +181,13 @@ def remember(fused: Plan, store: StateStore, jobs: Sequence[Any]) -> None:
         if (entry.kernel.state or counter) and any(type(state) is not State for state in states):
             return  # fields that may not live in the state's __dict__
         if counter is not None:
-            values = {getattr(state, counter) for state in states}
-            if len(values) != 1 or type(next(iter(values))) is not int:
+            values = [getattr(state, counter) for state in states]
+            if any(type(value) is not int for value in values) or len(set(values)) != 1:
                 return
-    if not _disjoint([array for job in jobs for array in (job.x, *job.arrays)]):
+    written = [array for job in jobs for array in (job.x, *job.arrays)]
+    if not all(array.flags.aligned for array in written):
+        return  # the kernel's loads and stores through plain pointers assume aligned elements
+    if not _disjoint(written):
         return  # arrays that share memory: threads would race on it
     _batches[store] = Batch(fused, jobs, seen)
 
