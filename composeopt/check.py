@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import sys
 import weakref
+from collections.abc import Iterable
 from typing import Any
 
 import array_api_compat
@@ -133,16 +134,14 @@ class Seen:
         self.gradients = np.zeros((2, self.count), dtype=np.int64)
         self._found = np.zeros_like(self.gradients)
 
-    def proves(self, xs: list[Any], gs: list[Any]) -> bool:
-        """Whether `xs` are the same arrays with the same headers (address, flags: writable,
-        shape, strides, dtype), and `gs` NumPy arrays of their shapes with the same dtypes as
-        then: the leaves, in tree order, of a tree with these containers."""
+    def proves(self, xs: Iterable[Any], gs: Iterable[Any]) -> bool:
+        """Whether `xs` (`count` of them) are the same arrays with the same headers (address,
+        flags: writable, shape, strides, dtype), and `gs` NumPy arrays of their shapes with
+        the same dtypes as then: the leaves, in tree order, of a tree with these containers."""
         count = self.count
-        return (
-            len(xs) == count
-            and _memory.headers_agree(xs, count, self.parameters, slice(0, _memory.WIDTH), self._found)
-            and _memory.headers_agree(gs, count, self._expected, _GRADIENT_COLUMNS, self.gradients)
-        )
+        return _memory.headers_agree(
+            xs, count, self.parameters, slice(0, _memory.WIDTH), self._found
+        ) and _memory.headers_agree(gs, count, self._expected, _GRADIENT_COLUMNS, self.gradients)
 
 
 _GRADIENT_COLUMNS = slice(_memory.DTYPE, _memory.STRIDES)  # dtype, ndim, shape
@@ -174,9 +173,8 @@ def unchanged(store: StateStore, params: Any, grads: Any) -> Seen | None:
     memo = seen(store)
     if memo is None:
         return None
-    xs: list[Any] = []
-    gs: list[Any] = []
-    if not (_flatten(memo.skeleton, params, grads, xs, gs) and memo.proves(xs, gs)):
+    leaves = _leaves(memo.skeleton, params, grads)
+    if leaves is None or not memo.proves(*leaves):
         return None
     return memo
 
@@ -204,7 +202,7 @@ def _remember(store: StateStore, params: Any, grads: Any, leaves: list[Leaf]) ->
 
 
 def _skeleton(params: Any, grads: Any, xs: list[Any], gs: list[Any]) -> Any:
-    """The containers of `params` as `_flatten` checks them, appending the leaves and their
+    """The containers of `params` as `_leaves` checks them, appending the leaves and their
     gradients (NumPy arrays both) in the order of `zip_leaves`; `None` for any other tree.
 
     A container is `(type, keys or length, children)`; `children` is `None` if all its
@@ -238,35 +236,39 @@ def _skeleton(params: Any, grads: Any, xs: list[Any], gs: list[Any]) -> Any:
     return kind, keys, None if all(child is None for child in children) else tuple(children)
 
 
-def _flatten(node: Any, params: Any, grads: Any, xs: list[Any], gs: list[Any]) -> bool:
-    """Append the leaves of `params` and `grads` to `xs` and `gs` if their containers are those
-    of `node` (see `_skeleton`); `False` else.  Only the containers: the leaves are whatever
-    they are, for the headers to tell."""
+def _leaves(node: Any, params: Any, grads: Any) -> tuple[Iterable[Any], Iterable[Any]] | None:
+    """The leaves of `params` and `grads`, in the order of `zip_leaves`, if their containers
+    are those of `node` (see `_skeleton`), so that there are as many as then; `None` else.
+    Only the containers: the leaves are whatever they are, for the headers to tell."""
     kind, keys, children = node
     if type(params) is not kind:
-        return False
+        return None
     if kind is dict:
         if type(grads) is not dict or len(params) != len(keys) or tuple(params) != keys:
-            return False
+            return None
         if grads.keys() != params.keys():
-            return False
+            return None
         values: Any = params.values()
         gradients: Any = map(grads.__getitem__, keys)
     else:
         if type(grads) not in (list, tuple) or len(params) != keys or len(grads) != keys:
-            return False
+            return None
         values, gradients = params, grads
-    if children is None:
-        xs.extend(values)
-        gs.extend(gradients)
-        return True
+    if children is None:  # all leaves: read where they are, without a copy of the containers
+        return values, gradients
+    xs: list[Any] = []
+    gs: list[Any] = []
     for child, x, g in zip(children, values, gradients):
         if child is None:
             xs.append(x)
             gs.append(g)
-        elif not _flatten(child, x, g, xs, gs):
-            return False
-    return True
+        else:
+            inner = _leaves(child, x, g)
+            if inner is None:
+                return None
+            xs.extend(inner[0])
+            gs.extend(inner[1])
+    return xs, gs
 
 
 def as_array(value: Any) -> Any:
