@@ -69,7 +69,7 @@ class Batch:
         self.dtype = xs[0].dtype
         # Per entry of the plan: every array's state of that rule, its arrays and its counter.
         # A State keeps its fields in its __dict__, which it never replaces; reading them
-        # from there costs about half as much as getattr.
+        # from there skips getattr's lookup in the class, a third of the cost per field.
         self.rule_states = [[job.rule_states[position] for job in jobs] for position in range(len(entries))]
         fields = [
             [vars(state) for state in states] if entry.kernel.state or entry.kernel.counter else []
