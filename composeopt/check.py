@@ -7,23 +7,32 @@ was made), JAX tracers (a step inside `jax.jit` would lose its state), and, for 
 in-place step, writability and memory: a parameter that shares memory with another,
 or whose elements overlap each other, cannot be updated in place.  Each error starts
 with the parameter's path.
+
+A step over a big tree that comes back step after step (the batched step, see
+`composeopt._fused.batch`) asks `unchanged` first: a proof, from one table of the
+arrays' headers, that parameters and gradients are what `collect` last accepted
+for this store in every way that it looks at.  Whenever that proof fails,
+`collect` runs and gives its errors; the proof only ever says "as before".
 """
 
 from __future__ import annotations
 
 import sys
+import weakref
+from collections.abc import Iterable
 from typing import Any
 
 import array_api_compat
 import numpy as np
 
+from . import _memory
 from ._dispatch import backend_name, is_array, is_tracer, namespace
 from ._memory import extent, first_overlap, overlaps_itself, owns_memory
 from .errors import AliasingError, ShapeMismatchError, UnsupportedArrayError
 from .store import StateStore
 from .tree import Path, zip_leaves
 
-__all__ = ["Leaf", "collect", "as_array", "MISSING"]
+__all__ = ["Leaf", "collect", "as_array", "MISSING", "Seen", "watch", "seen", "unchanged"]
 
 MISSING: Any = object()
 """The state of a leaf that has none yet."""
@@ -87,7 +96,179 @@ def collect(store: StateStore, params: Any, grads: Any, *, copy: bool, in_place:
         for leaf in leaves:
             _check_writable(leaf.path, leaf.x)
         _check_disjoint(leaves)
+        if store in _watched:
+            _remember(store, params, grads, leaves)
     return leaves
+
+
+# --- the proof that a tree is as the last full check saw it ------------------------------
+
+
+class Seen:
+    """What `collect` accepted of one tree for an in-place step, and when.
+
+    Held per store: the store's versions then (no state added, replaced or removed since,
+    nothing frozen or thawed, no parameter collected), the tree's containers, and the
+    headers of its parameters (`parameters`, a table as `composeopt._memory.read_headers`
+    fills) and the dtypes of its gradients.  It keeps the dtypes alive, so that no other
+    dtype can take one's address; it does not keep the parameters alive (the store's
+    versions move when one is collected).
+
+    `gradients` holds the data addresses (row 0) and flags (row 1) of the gradients of the
+    last step that `unchanged` proved, for a step that reads them where they are.
+    """
+
+    def __init__(
+        self, store: StateStore, skeleton: Any, parameters: Any, gradients: Any, dtypes: list[Any]
+    ) -> None:
+        self.versions = (store.version, store.frozen.version)
+        self.skeleton = skeleton
+        self.count = len(parameters)
+        self.parameters = parameters
+        self.gradient_dtypes = gradients[:, _memory.DTYPE].copy()
+        # What a gradient's header must show: its parameter's ndim and shape, its own dtype
+        # as then (which also says that it is a NumPy array: the column is zero else).
+        self._expected = parameters.copy()
+        self._expected[:, _memory.DTYPE] = self.gradient_dtypes
+        self.dtypes = dtypes
+        self.gradients = np.zeros((2, self.count), dtype=np.int64)
+        self._found = np.zeros_like(self.gradients)
+
+    def proves(self, xs: Iterable[Any], gs: Iterable[Any]) -> bool:
+        """Whether `xs` (`count` of them) are the same arrays with the same headers (address,
+        flags: writable, shape, strides, dtype), and `gs` NumPy arrays of their shapes with
+        the same dtypes as then: the leaves, in tree order, of a tree with these containers."""
+        count = self.count
+        return _memory.headers_agree(
+            xs, count, self.parameters, slice(0, _memory.WIDTH), self._found
+        ) and _memory.headers_agree(gs, count, self._expected, _GRADIENT_COLUMNS, self.gradients)
+
+
+_GRADIENT_COLUMNS = slice(_memory.DTYPE, _memory.STRIDES)  # dtype, ndim, shape
+
+
+_watched: weakref.WeakSet[StateStore] = weakref.WeakSet()
+_seen: weakref.WeakKeyDictionary[StateStore, Seen] = weakref.WeakKeyDictionary()
+
+
+def watch(store: StateStore) -> None:
+    """From now on, `collect` remembers what it accepts of `store`'s trees, for `unchanged`
+    (where NumPy's headers can be read here)."""
+    if _memory.headers_readable():
+        _watched.add(store)
+
+
+def seen(store: StateStore) -> Seen | None:
+    """What `collect` last remembered of `store`, if nothing in the store has changed since."""
+    memo = _seen.get(store)
+    if memo is None or memo.versions != (store.version, store.frozen.version):
+        return None
+    return memo
+
+
+def unchanged(store: StateStore, params: Any, grads: Any) -> Seen | None:
+    """The fast check of a repeat step: `seen(store)` if `params` and `grads` are, in every way
+    that `collect` looks at, as in the tree it remembers, so that `collect` would accept them
+    with the same leaves, all with their states; else `None` (then `collect` decides)."""
+    memo = seen(store)
+    if memo is None:
+        return None
+    leaves = _leaves(memo.skeleton, params, grads)
+    if leaves is None or not memo.proves(*leaves):
+        return None
+    return memo
+
+
+def _remember(store: StateStore, params: Any, grads: Any, leaves: list[Leaf]) -> None:
+    """Keep what `collect` has just accepted, if `unchanged` can prove it again: a tree of
+    dicts, lists and tuples with NumPy arrays for leaves, each with its gradient and its state,
+    none twice, none frozen."""
+    xs: list[Any] = []
+    gs: list[Any] = []
+    skeleton = _skeleton(params, grads, xs, gs)
+    count = len(xs)
+    if skeleton is None or count != len(leaves):
+        return  # another kind of tree; or tied, frozen or skipped leaves: collect's leaves differ
+    if any(leaf.state is MISSING for leaf in leaves):
+        return  # states made by this step move the store's version anyway
+    parameters = np.empty((count, _memory.WIDTH), dtype=np.int64)
+    gradients = np.empty_like(parameters)
+    _memory.read_headers(xs, count, parameters)
+    _memory.read_headers(gs, count, gradients)
+    if np.any(parameters[:, _memory.NDIM] > _memory.MAX_NDIM):
+        return
+    dtypes = list({id(a.dtype): a.dtype for a in (*xs, *gs)}.values())
+    _seen[store] = Seen(store, skeleton, parameters, gradients, dtypes)
+
+
+def _skeleton(params: Any, grads: Any, xs: list[Any], gs: list[Any]) -> Any:
+    """The containers of `params` as `_leaves` checks them, appending the leaves and their
+    gradients (NumPy arrays both) in the order of `zip_leaves`; `None` for any other tree.
+
+    A container is `(type, keys or length, children)`; `children` is `None` if all its
+    children are leaves, else one entry per child, `None` for a leaf."""
+    kind = type(params)
+    if kind is dict:
+        if type(grads) is not dict or grads.keys() != params.keys():
+            return None
+        keys: Any = tuple(params)
+        pairs: Any = ((value, grads[key]) for key, value in params.items())
+    elif kind is list or kind is tuple:
+        if type(grads) not in (list, tuple) or len(grads) != len(params):
+            return None
+        keys = len(params)
+        pairs = zip(params, grads)
+    else:
+        return None
+    children: list[Any] = []
+    for x, g in pairs:
+        if type(x) is np.ndarray:
+            if type(g) is not np.ndarray:
+                return None
+            xs.append(x)
+            gs.append(g)
+            children.append(None)
+        else:
+            child = _skeleton(x, g, xs, gs)
+            if child is None:
+                return None
+            children.append(child)
+    return kind, keys, None if all(child is None for child in children) else tuple(children)
+
+
+def _leaves(node: Any, params: Any, grads: Any) -> tuple[Iterable[Any], Iterable[Any]] | None:
+    """The leaves of `params` and `grads`, in the order of `zip_leaves`, if their containers
+    are those of `node` (see `_skeleton`), so that there are as many as then; `None` else.
+    Only the containers: the leaves are whatever they are, for the headers to tell."""
+    kind, keys, children = node
+    if type(params) is not kind:
+        return None
+    if kind is dict:
+        if type(grads) is not dict or len(params) != len(keys) or tuple(params) != keys:
+            return None
+        if grads.keys() != params.keys():
+            return None
+        values: Any = params.values()
+        gradients: Any = map(grads.__getitem__, keys)
+    else:
+        if type(grads) not in (list, tuple) or len(params) != keys or len(grads) != keys:
+            return None
+        values, gradients = params, grads
+    if children is None:  # all leaves: read where they are, without a copy of the containers
+        return values, gradients
+    xs: list[Any] = []
+    gs: list[Any] = []
+    for child, x, g in zip(children, values, gradients):
+        if child is None:
+            xs.append(x)
+            gs.append(g)
+        else:
+            inner = _leaves(child, x, g)
+            if inner is None:
+                return None
+            xs.extend(inner[0])
+            gs.extend(inner[1])
+    return xs, gs
 
 
 def as_array(value: Any) -> Any:

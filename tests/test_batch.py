@@ -52,14 +52,9 @@ def assert_close(actual, expected):
             np.testing.assert_allclose(a, e, rtol=4 * eps, atol=4 * eps * scale)
 
 
-@pytest.fixture(autouse=True, params=["copy", "address"])
-def gradients_by(request, monkeypatch):
-    """Every test runs with the gradients copied into one buffer (small arrays) and read
-    where they are (big arrays; here by lowering the size that counts as big)."""
+@pytest.fixture(autouse=True)
+def fused_on(monkeypatch):
     monkeypatch.setattr(_fused, "MODE", "auto")
-    if request.param == "address":
-        monkeypatch.setattr(batch, "BATCH_MEAN_SIZE", 0)
-    return request.param
 
 
 @pytest.fixture
@@ -223,9 +218,10 @@ def test_parameters_sharing_memory(batched):
         np.testing.assert_array_equal(a, b)
 
 
-def test_gradients_overlapping_the_parameters(gradients_by, batched):
+def test_gradients_overlapping_the_parameters(batched):
     """Each gradient a view of the buffer the parameters live in, 3 elements before its
-    parameter: read in place it would see updated values; it must act as a copy."""
+    parameter: read in place it would see updated values; it must act as a copy, which the
+    per-array path makes."""
     flat = []
 
     def make():
@@ -236,13 +232,42 @@ def test_gradients_overlapping_the_parameters(gradients_by, batched):
         return [flat[0].data[max(50 * i - 3, 0) :][:50] for i in range(30)]
 
     assert_same(*both_ways(make, grads))
-    assert any(batched) == (gradients_by == "copy")  # the copy is what makes them safe
+    assert not any(batched)
 
 
-def test_which_gradients_are_read_where_they_are(gradients_by, batched):
-    run(co.Adam)
+@pytest.mark.parametrize("owner", ["parameter", "state"])
+def test_a_gradient_overlapping_what_the_step_writes_is_not_read_in_place(owner, batched):
+    """After good batched steps, one gradient late in the tree is another parameter or
+    another parameter's first moment: the step is the per-array one, which reads a copy."""
+
+    def grads(params, step):
+        tree = gradients(params, step)
+        if step == STEPS - 1:
+            x = params["layers"][9]["W"]
+            tree["layers"][8]["W"] = x if owner == "parameter" else co.state_store(opts[-1]).get(x).mu
+        return tree
+
+    opts: list = []
+
+    def make():
+        opts.append(co.Adam(0.1))
+        return opts[-1]
+
+    opt, params = run(make, grads=grads)
+    assert batched[2 : STEPS - 1] == [True] * (STEPS - 3) and batched[-1] is False
+    reference_opt, reference = run(make, batching=False, grads=grads)
+    assert_same(params, reference)
+    assert_same_states(opt, params, reference_opt, reference)
+
+
+def test_gradients_are_read_where_they_are(batched):
+    opt, params = run(co.Adam)
     assert batched[-1]
-    assert (batch.BATCH_MEAN_SIZE == 0) == (gradients_by == "address")
+    grads = gradients(params, STEPS)
+    co.update_(opt, params, grads)
+    assert batched[-1]
+    taken = batch._batches[co.state_store(opt)].gradients
+    assert taken.tolist() == [g.__array_interface__["data"][0] for g in leaves(grads)]
 
 
 def test_arrays_split_between_threads(batched, monkeypatch):
@@ -271,11 +296,21 @@ def _a_view_of_one_buffer(params, step):
     return flat.tree
 
 
+def _unaligned(params, step):
+    grads = []
+    for g in leaves(gradients(params, step)):
+        view = np.empty(g.nbytes + 1, np.uint8)[1:].view(g.dtype).reshape(g.shape)  # an odd address
+        view[...] = g
+        grads.append(view)
+    return grads
+
+
 UNUSUAL_GRADIENTS = {
     "float64": lambda params, step: gradients(params, step, np.float64),
     "the-parameters": lambda params, step: params,  # the loss |x|^2 / 2
     "fortran": _fortran,
     "read-only": _read_only,
+    "unaligned": _unaligned,
     "views-of-one-buffer": _a_view_of_one_buffer,
 }
 
@@ -283,7 +318,7 @@ UNUSUAL_GRADIENTS = {
 @pytest.mark.parametrize("grads", UNUSUAL_GRADIENTS)
 def test_unusual_gradients(grads, batched):
     make_grads = UNUSUAL_GRADIENTS[grads]
-    make_params = (lambda: leaves(model())) if grads in ("fortran", "read-only") else model
+    make_params = (lambda: leaves(model())) if grads in ("fortran", "read-only", "unaligned") else model
     assert_same(*both_ways(make_params, make_grads))
 
 

@@ -401,3 +401,188 @@ def test_torch_parameters_update_under_no_grad():
     with torch.no_grad():
         co.update_(co.Descent(0.5), {"w": w}, {"w": torch.ones(3, dtype=torch.float64)})
     assert torch.equal(w.detach(), torch.full((3,), 0.5, dtype=torch.float64))
+
+
+# --- the fast check of a repeat step (check.unchanged) -----------------------------------------
+
+from composeopt import _memory, check  # noqa: E402
+
+
+def _watched_tree():
+    """A store whose last full check remembered a nested tree, and that tree and its gradients."""
+    pytest.importorskip("numba")
+    if not _memory.headers_readable():
+        pytest.skip("NumPy's headers cannot be read here")
+    params = {"a": [np.ones((2, 3), np.float32) for _ in range(3)], "b": (np.zeros(4), np.ones(()))}
+    opt = co.Adam()
+    store = co.state_store(opt)
+    check.watch(store)
+    for step in range(2):
+        grads = {"a": [np.full((2, 3), step, np.float32) for _ in range(3)], "b": (np.ones(4), np.ones(()))}
+        check.collect(store, params, grads, copy=False, in_place=True)
+        saved, _fused.MODE = _fused.MODE, "off"
+        try:
+            co.update_(opt, params, grads)
+        finally:
+            _fused.MODE = saved
+    check.collect(store, params, grads, copy=False, in_place=True)
+    return opt, store, params, grads
+
+
+def _read_only(opt, params, grads):
+    params["a"][2].flags.writeable = False
+
+
+def _reshaped(opt, params, grads):
+    params["a"][1].shape = (3, 2)
+
+
+def _transposed(opt, params, grads):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # as NumPy 2.4 deprecates it
+        params["a"][1].strides = (4, 8)  # the same bytes, read in another order
+
+
+def _dtype_in_place(opt, params, grads):
+    params["b"][0].dtype = np.int64
+
+
+def _another_parameter(opt, params, grads):
+    params["a"][0] = params["a"][0].copy()
+
+
+def _swapped(opt, params, grads):
+    params["a"][0], params["a"][1] = params["a"][1], params["a"][0]
+
+
+def _tied(opt, params, grads):
+    params["a"][0] = params["a"][1]
+
+
+def _gradient_shape(opt, params, grads):
+    grads["a"][2] = np.ones((3, 2), np.float32)
+
+
+def _gradient_dtype(opt, params, grads):
+    grads["a"][2] = grads["a"][2].astype(np.float64)
+
+
+def _gradient_int(opt, params, grads):
+    grads["a"][2] = grads["a"][2].astype(np.int32)
+
+
+def _gradient_scalar(opt, params, grads):
+    grads["b"] = (grads["b"][0], np.float64(1.0))
+
+
+def _gradient_list(opt, params, grads):
+    grads["b"] = (grads["b"][0].tolist(), grads["b"][1])
+
+
+def _gradient_none(opt, params, grads):
+    grads["a"][2] = None
+
+
+def _gradient_subclass(opt, params, grads):
+    grads["a"][2] = grads["a"][2].view(np.ma.MaskedArray)
+
+
+def _container(opt, params, grads):
+    params["b"] = list(params["b"])
+
+
+def _key_order(opt, params, grads):
+    params["a"] = params.pop("a")
+
+
+def _extra_key(opt, params, grads):
+    grads["c"] = np.ones(1)
+
+
+def _frozen(opt, params, grads):
+    co.freeze_(opt, params["a"][0])
+
+
+def _state_replaced(opt, params, grads):
+    store = co.state_store(opt)
+    store.set(params["a"][0], co.Adam().init(params["a"][0]))
+
+
+def _reset(opt, params, grads):
+    co.reset_(opt)
+
+
+CHANGES = {
+    "read-only": _read_only,
+    "reshaped-in-place": _reshaped,
+    "strides-set-in-place": _transposed,
+    "dtype-set-in-place": _dtype_in_place,
+    "another-parameter": _another_parameter,
+    "swapped-parameters": _swapped,
+    "tied-parameters": _tied,
+    "gradient-shape": _gradient_shape,
+    "gradient-dtype": _gradient_dtype,
+    "gradient-int": _gradient_int,
+    "gradient-numpy-scalar": _gradient_scalar,
+    "gradient-list": _gradient_list,
+    "gradient-none": _gradient_none,
+    "gradient-subclass": _gradient_subclass,
+    "container-type": _container,
+    "key-order": _key_order,
+    "extra-gradient-key": _extra_key,
+    "frozen": _frozen,
+    "state-replaced": _state_replaced,
+    "reset": _reset,
+}
+
+
+def test_the_fast_check_proves_a_repeat_step():
+    _, store, params, grads = _watched_tree()
+    seen = check.unchanged(store, params, grads)
+    assert seen is not None and seen is check.seen(store)
+    gradients = [g for g in (*grads["a"], *grads["b"])]
+    assert seen.gradients[0].tolist() == [g.__array_interface__["data"][0] for g in gradients]
+    fresh = {"a": [np.ones((2, 3), np.float32) for _ in range(3)], "b": [np.ones(4), np.ones(())]}
+    assert check.unchanged(store, params, fresh) is not None  # new gradients, a list for a tuple
+
+
+@pytest.mark.parametrize("change", CHANGES)
+def test_the_fast_check_proves_nothing_once_anything_changed(change):
+    """Anything that the full check looks at, changed since it ran: no proof (the full check
+    then runs and decides), whether or not the full check would take the step."""
+    opt, store, params, grads = _watched_tree()
+    CHANGES[change](opt, params, grads)
+    assert check.unchanged(store, params, grads) is None
+
+
+def test_headers_read_in_place_are_numpys():
+    pytest.importorskip("numba")
+    if not _memory.headers_readable():
+        pytest.skip("NumPy's headers cannot be read here")
+    rng = np.random.default_rng(0)
+    base = np.arange(4096, dtype=np.float64)
+    arrays = [
+        base[: rng.integers(1, 60)].reshape(-1, 1)[:: rng.integers(1, 3)],
+        base.reshape(8, 8, 8, 8)[::2, 1:, ::-1].T,
+        np.asfortranarray(np.ones((3, 5), np.float32)),
+        np.frombuffer(bytes(33), np.uint8)[1:].view(np.float32),  # unaligned, read-only
+        np.zeros(()),
+        np.ones(0),
+    ]
+    objects = [*arrays, "text", 3, np.float32(2.0), None]
+    table = np.zeros((len(objects), _memory.WIDTH), dtype=np.int64)
+    _memory.read_headers(objects, len(objects), table)
+    for row, a in zip(table, objects):
+        assert (row[_memory.OBJECT], row[_memory.TYPE]) == (id(a), id(type(a)))
+        if type(a) is not np.ndarray:
+            assert not row[_memory.DATA :].any()
+            continue
+        assert row[_memory.DATA] == a.__array_interface__["data"][0]
+        assert row[_memory.FLAGS] == a.flags.num and row[_memory.DTYPE] == id(a.dtype)
+        assert row[_memory.NDIM] == a.ndim
+        assert tuple(row[_memory.SHAPE : _memory.SHAPE + a.ndim]) == a.shape
+        assert tuple(row[_memory.STRIDES : _memory.STRIDES + a.ndim]) == a.strides
+    found = np.zeros((2, len(objects)), dtype=np.int64)
+    assert _memory.headers_agree(objects, len(objects), table, slice(0, _memory.WIDTH), found)
+    table[3, _memory.FLAGS] ^= _memory.ALIGNED
+    assert not _memory.headers_agree(objects, len(objects), table, slice(0, _memory.WIDTH), found)

@@ -5,30 +5,28 @@ the trees with paths, checking every array, finding its state, one kernel
 call.  Over a thousand small arrays that is most of the step.  Step after
 step, all of it comes out the same except for the gradients.  So once the
 same tree of NumPy arrays has taken two fused numba steps in a row (at least
-`BATCH_MIN` arrays, one dtype, no two sharing memory, a chain without a norm
-clip, every step counter equal), the optimiser's store gets a `Batch`:
-the addresses of every parameter and state array in one table, and what to
-compare to know that nothing has changed.  The next step then
+`BATCH_MIN` arrays, one dtype and gradients of it, no two sharing memory, a
+chain without a norm clip, every step counter equal), the optimiser's store
+gets a `Batch`: the addresses of every parameter and state array in one
+table.  The next step then
 
-1. pairs the trees without paths and checks that the parameters are the same
-   objects in the same order, with the same shapes, strides and dtype, and
-   still writable; that the store has not changed since (no state added,
-   replaced or removed, nothing frozen or thawed, no parameter collected);
-   that every state still holds the same arrays and counters; and that the
-   gradients are NumPy arrays of the parameters' shapes: whatever the check
-   phase would refuse fails one of these, and goes to the ordinary path;
-2. takes the gradients: small arrays (`BATCH_MEAN_SIZE` elements or fewer
-   on average) are copied into one buffer with one `numpy.concatenate`, in
-   any floating dtype; big ones are read where they are, so they must have
-   the parameters' dtype, be C-contiguous and share no memory with a
-   parameter or a state;
+1. asks the check phase whether the input is what it accepted last time
+   (`composeopt.check.unchanged`: the same parameters with the same layouts,
+   still writable, nothing in the store changed, gradients of the same shapes
+   and dtypes), which reads the gradients' addresses and flags on the way;
+2. checks what only this way of running the step needs: that every state
+   still holds the same arrays and step counts (a state changed by hand,
+   `state.mu = ...`, does not move the store's version), and that every
+   gradient is C-contiguous, aligned and shares no memory with a parameter or
+   a state, since the kernel reads it where it is;
 3. runs one generated numba function per thread over the table.
 
-Anything else, or any check that fails, takes the ordinary path, which gives
-the errors with their paths; nothing of this step has been changed by then.
-A tree that stops fitting waits twice as many steps before its next batch.
-The batch keeps the state arrays alive (their addresses must stay valid) but
-not the parameters: a parameter that is collected moves the store's version.
+If any of that fails, the ordinary path takes the step: its full check gives
+the errors with their paths, and nothing of this step has been changed by
+then.  A tree that stops fitting waits twice as many steps before its next
+batch.  The batch keeps the state arrays alive (their addresses must stay
+valid) but not the parameters: a parameter that is collected moves the
+store's version, and with it the check phase's proof.
 """
 
 from __future__ import annotations
@@ -36,12 +34,15 @@ from __future__ import annotations
 import weakref
 from collections.abc import Sequence
 from functools import partial
-from operator import attrgetter, is_
+from itertools import repeat
+from operator import is_, itemgetter
 from typing import Any
 
 import numpy as np
 
-from ..rule import Rule, keep_hyperparameters, start_step
+from .. import check
+from .._memory import DTYPE, OBJECT, readable_in_place
+from ..rule import Rule, State, keep_hyperparameters, start_step
 from ..store import StateStore
 from .kernel import Kernel
 from .plan import Entry, Plan, make_plan
@@ -52,132 +53,83 @@ __all__ = ["BATCH_MIN", "Batch", "remember", "step_"]
 BATCH_MIN = 16
 """Trees with fewer arrays keep the per-array path, whose overhead is then small."""
 
-BATCH_MEAN_SIZE = 1 << 13
-"""Trees whose arrays hold more elements than this on average are read where their
-gradients are, rather than from one copy of them all.  Per array, reading in place costs
-about a microsecond more in checks, the copy a quarter of a nanosecond per element: measured,
-the two cross between 4000 and 10000 elements."""
-
-
-_shape = attrgetter("shape")
-_strides = attrgetter("strides")
-_dtype = attrgetter("dtype")
-_writeable = attrgetter("flags.writeable")
-
 
 class Batch:
-    """What a batched step needs of one tree of parameters and one optimiser's store.
+    """What a batched step needs of one tree of parameters and one optimiser's store,
+    besides what the check phase proves (`seen`, what it accepted of that tree)."""
 
-    `by_address`: the kernel reads each gradient where it is (its address goes into
-    `gradients` each step) instead of from a copy in `buffer`; for big arrays, whose copy
-    would cost more than the per-array checks it saves.
-    """
-
-    def __init__(self, fused: Plan, store: StateStore, jobs: Sequence[Any], by_address: bool) -> None:
+    def __init__(self, fused: Plan, jobs: Sequence[Any], seen: check.Seen) -> None:
         from .numba_backend import batch_function
 
         entries = fused.entries
         xs = [job.leaf.x for job in jobs]
+        self.seen = seen
         self.key = _key(entries)
-        self.function = batch_function(tuple(entry.kernel for entry in entries), by_address)
-        self.by_address = by_address
-        self.ids = list(map(id, xs))
-        self.shapes = list(map(_shape, xs))
-        self.strides = list(map(_strides, xs))
+        self.function = batch_function(tuple(entry.kernel for entry in entries), True)
         self.dtype = xs[0].dtype
-        self.versions = (store.version, store.frozen.version)
         # Per entry of the plan: every array's state of that rule, its arrays and its counter.
+        # A State keeps its fields in its __dict__, which it never replaces; reading them
+        # from there skips getattr's lookup in the class, a third of the cost per field.
         self.rule_states = [[job.rule_states[position] for job in jobs] for position in range(len(entries))]
-        self.arrays = [
-            (states, name, [getattr(state, name) for state in states])
+        fields = [
+            [vars(state) for state in states] if entry.kernel.state or entry.kernel.counter else []
             for entry, states in zip(entries, self.rule_states)
+        ]
+        self.arrays = [
+            (itemgetter(name), dicts, [state[name] for state in dicts])
+            for entry, dicts in zip(entries, fields)
             for name in entry.kernel.state
         ]
         self.counters = [
-            [states, entry.kernel.counter, getattr(states[0], entry.kernel.counter)]
-            for entry, states in zip(entries, self.rule_states)
+            [itemgetter(entry.kernel.counter), entry.kernel.counter, dicts, dicts[0][entry.kernel.counter]]
+            for entry, dicts in zip(entries, fields)
             if entry.kernel.counter is not None
         ]
+        for _, name, dicts, value in self.counters:
+            for state in dicts:  # one int object for all, so that `is` can tell that none changed
+                state[name] = value
         self.addresses = np.array(
             [[x.ctypes.data, *(held[i].ctypes.data for _, _, held in self.arrays)] for i, x in enumerate(xs)],
             dtype=np.int64,
         ).reshape(len(xs), 1 + len(self.arrays))
-        sizes = [x.size for x in xs]
-        self.chunks = [np.array(share, dtype=np.int64).reshape(-1, 3) for share in shares(sizes)]
-        if by_address:
-            self.nbytes = np.array([x.nbytes for x in xs], dtype=np.int64)
-            self.gradients = np.zeros(len(xs), dtype=np.int64)
-            self.ends = np.zeros(len(xs), dtype=np.int64)
-            # The memory this step writes (parameters and states, all disjoint), in order, to
-            # find a gradient that overlaps some of it.
-            used = self.nbytes > 0
-            starts = self.addresses[used].reshape(-1)
-            order = np.argsort(starts)
-            self.x_starts = starts[order]
-            self.x_ends = self.x_starts + np.repeat(self.nbytes[used], self.addresses.shape[1])[order]
-        else:
-            self.offsets = np.cumsum([0, *sizes], dtype=np.int64)
-            self.buffer = np.empty(int(self.offsets[-1]), dtype=self.dtype)
+        self.chunks = [
+            np.array(share, dtype=np.int64).reshape(-1, 3) for share in shares([x.size for x in xs])
+        ]
+        self.gradients = seen.gradients[0]  # this step's addresses of the gradients, once proved
+        self.nbytes = np.array([x.nbytes for x in xs], dtype=np.int64)
+        # The memory this step writes (parameters and states, all disjoint), in order, to
+        # find a gradient that overlaps some of it.
+        used = self.nbytes > 0
+        starts = self.addresses[used].reshape(-1)
+        order = np.argsort(starts)
+        self.written_starts = starts[order]
+        self.written_ends = self.written_starts + np.repeat(self.nbytes[used], self.addresses.shape[1])[order]
 
-    def take(self, fused: Plan, store: StateStore, xs: list[Any], gs: list[Any]) -> bool:
-        """If this step is the remembered one, with gradients the kernel can read, take the
-        gradients (their addresses, or a copy) and return `True`; else change nothing."""
-        if (
-            (store.version, store.frozen.version) != self.versions
-            or list(map(id, xs)) != self.ids
-            or _key(fused.entries) != self.key
-            # What the check phase would refuse in a parameter: a shape or layout changed in
-            # place since the states were made, a dtype, a parameter made read-only.
-            or list(map(_shape, xs)) != self.shapes
-            or list(map(_strides, xs)) != self.strides
-            or set(map(_dtype, xs)) != {self.dtype}
-            or not all(map(_writeable, xs))
-            or set(map(type, gs)) != {np.ndarray}
-            or list(map(_shape, gs)) != self.shapes
-        ):
-            return False
-        dtypes = set(map(_dtype, gs))
-        if (dtypes != {self.dtype}) if self.by_address else any(dtype.kind != "f" for dtype in dtypes):
+    def take(self, fused: Plan, seen: check.Seen) -> bool:
+        """If this step is the remembered one (`seen` is what the check phase has just proved
+        of it) and the kernel can read its gradients where they are, note their addresses
+        and return `True`; else change nothing."""
+        if seen is not self.seen or _key(fused.entries) != self.key:
             return False
         try:
-            for states, name, held in self.arrays:  # a state array replaced by hand
-                if not all(map(is_, map(attrgetter(name), states), held)):
+            for getter, dicts, held in self.arrays:  # a state array replaced by hand
+                if not all(map(is_, map(getter, dicts), held)):
                     return False
-            for states, counter, value in self.counters:
-                if list(map(attrgetter(counter), states)) != [value] * len(states):
+            for getter, _, dicts, value in self.counters:
+                if not all(map(is_, map(getter, dicts), repeat(value))):
                     return False
-        except AttributeError:
+        except KeyError:  # a field deleted by hand
             return False
-        if not self.by_address:
-            np.concatenate(gs, axis=None, out=self.buffer, casting="same_kind")
-            return True
-        starts = self.gradients
-        for position, g in enumerate(gs):
-            interface = g.__array_interface__
-            if interface["strides"] is not None:
-                return False  # not C-contiguous
-            starts[position] = interface["data"][0]
-        return not self._overlap(starts)
-
-    def _overlap(self, starts: Any) -> bool:
-        """Whether a gradient shares memory with a parameter or a state (it would be read
-        while written).
-
-        Those arrays are disjoint (`remember` checks), so only the first of them that ends
-        after a gradient starts can overlap it."""
-        ends = np.add(starts, self.nbytes, out=self.ends)
-        first = np.searchsorted(self.x_ends, starts, side="right")
-        inside = first < len(self.x_starts)
-        candidates = self.x_starts[first[inside]]
-        return bool(np.any((candidates < ends[inside]) & (ends[inside] > starts[inside])))
+        # The kernel reads each gradient where it is, while it writes parameters and states.
+        return readable_in_place(
+            self.gradients, self.nbytes, seen.gradients[1], self.written_starts, self.written_ends
+        )
 
     def run(self, k: Any) -> None:
         """The kernel over every array, one call per thread, with the step's scalars `k`."""
-        if self.by_address:
-            arguments: tuple[Any, ...] = (self.gradients, k, self.addresses)
-        else:
-            arguments = (self.offsets, self.buffer, k, self.addresses)
-        run_together([partial(self.function, chunks, *arguments) for chunks in self.chunks])
+        run_together(
+            [partial(self.function, chunks, self.gradients, k, self.addresses) for chunks in self.chunks]
+        )
 
 
 class _History:
@@ -211,22 +163,33 @@ def remember(fused: Plan, store: StateStore, jobs: Sequence[Any]) -> None:
         history.repeats += 1
     else:
         history.ids, history.repeats = ids, 1
+    check.watch(store)  # the check phase remembers this store's trees from now on
     if history.repeats < history.needed:
         return
     history.repeats = 0
+    seen = check.seen(store)
+    if seen is None or not np.array_equal(seen.parameters[:, OBJECT], ids):
+        return  # not (yet) what the check phase accepted of this tree
     dtype = jobs[0].x.dtype
     if any(job.x.dtype != dtype for job in jobs):
         return
+    if not np.array_equal(seen.gradient_dtypes, seen.parameters[:, DTYPE]):
+        return  # gradients of another dtype: the kernel reads them as the parameters' dtype
     for position, entry in enumerate(fused.entries):
+        states = [job.rule_states[position] for job in jobs]
         counter = entry.kernel.counter
+        if (entry.kernel.state or counter) and any(type(state) is not State for state in states):
+            return  # fields that may not live in the state's __dict__
         if counter is not None:
-            values = {getattr(job.rule_states[position], counter) for job in jobs}
-            if len(values) != 1:
+            values = [getattr(state, counter) for state in states]
+            if any(type(value) is not int for value in values) or len(set(values)) != 1:
                 return
-    if not _disjoint([array for job in jobs for array in (job.x, *job.arrays)]):
+    written = [array for job in jobs for array in (job.x, *job.arrays)]
+    if not all(array.flags.aligned for array in written):
+        return  # the kernel's loads and stores through plain pointers assume aligned elements
+    if not _disjoint(written):
         return  # arrays that share memory: threads would race on it
-    by_address = sum(job.x.size for job in jobs) > BATCH_MEAN_SIZE * len(jobs)
-    _batches[store] = Batch(fused, store, jobs, by_address)
+    _batches[store] = Batch(fused, jobs, seen)
 
 
 def _disjoint(xs: list[Any]) -> bool:
@@ -240,9 +203,8 @@ def step_(fused: Plan, opt: Rule, store: StateStore, params: Any, grads: Any) ->
     batch = _batches.get(store)
     if batch is None:
         return False
-    xs: list[Any] = []
-    gs: list[Any] = []
-    if not (_pair(params, grads, xs, gs) and batch.take(fused, store, xs, gs)):
+    seen = check.unchanged(store, params, grads)
+    if seen is None or not batch.take(fused, seen):
         del _batches[store]  # a step that differs in some way: wait longer before the next batch
         history = _histories.get(store)
         if history is not None:
@@ -271,10 +233,10 @@ def step_(fused: Plan, opt: Rule, store: StateStore, params: Any, grads: Any) ->
 
 def _advance(batch: Batch, by: int) -> None:
     for counter in batch.counters:
-        states, name, value = counter
-        counter[2] = value = value + by
-        for state in states:
-            setattr(state, name, value)
+        _, name, dicts, value = counter
+        counter[3] = value = value + by
+        for state in dicts:
+            state[name] = value
 
 
 def _scalars(fused: Plan, batch: Batch) -> list[float]:
@@ -289,30 +251,3 @@ def _key(entries: list[Entry]) -> tuple[tuple[Kernel, tuple[int, ...]], ...]:
     # The kernels (module-level objects) and where their states sit; not the rules, which
     # would keep the optimiser, and so its store, alive through the batch.
     return tuple((entry.kernel, entry.path) for entry in entries)
-
-
-def _pair(params: Any, grads: Any, xs: list[Any], gs: list[Any]) -> bool:
-    """Append the leaves of `params` and `grads` to `xs` and `gs` in the engine's order;
-    `False` at anything but dicts, lists, tuples and NumPy arrays with the same keys and lengths."""
-    kind = type(params)
-    if kind is np.ndarray:
-        xs.append(params)
-        gs.append(grads)
-        return True
-    if kind is list or kind is tuple:
-        if type(grads) not in (list, tuple) or len(grads) != len(params):
-            return False
-        pairs: Any = zip(params, grads)
-    elif kind is dict:
-        if type(grads) is not dict or grads.keys() != params.keys():
-            return False
-        pairs = ((value, grads[key]) for key, value in params.items())
-    else:
-        return False
-    for x, g in pairs:
-        if type(x) is np.ndarray:
-            xs.append(x)
-            gs.append(g)
-        elif not _pair(x, g, xs, gs):
-            return False
-    return True
