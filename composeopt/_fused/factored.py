@@ -1,19 +1,21 @@
-"""Adafactor's whole-rule fast path on NumPy arrays: the step of every parameter in at most
+"""Adafactor's whole-rule fast path on NumPy arrays: the step of every parameter in two or
 three passes over its memory, by numba loops or, without numba, blocked NumPy calls.
 
 Adafactor's update needs reductions over each array between reading `dx` and writing `x`
 (row and column means, two RMS), so it is no elementwise `Kernel`.  `FactoredKernel` takes
-the whole step of one rule over many parameters instead:
+the whole step of one rule over many parameters instead.  The numba loops (see
+`._numba_factored`) take two passes over a factored array:
 
-1. read `dx` (and `x` for the parameter scale): the sums of `G = dx² + eps` along the two
-   factored axes (or the per-entry `v`), and `sum x²`; update the second moments;
-2. read `dx` again for `sum u²`, the RMS that the update is clipped by (skipped without
-   clipping);
-3. read `dx` and `x`, write `x` (and the momentum).
+1. read `dx` (and `x` for the parameter scale), row by row: the sums of `G = dx² + eps`
+   over each of the two factored axes, `sum x²`, and, for the clipping, the sums over the
+   rows of `dx²` divided by the rows' new second moment, from which `sum u²` follows
+   without reading `dx` a third time; update the second moments;
+2. read `dx` and `x`, write `x` (and the momentum).
 
-`u = dx / sqrt(row scale) / sqrt(column)` is never stored.  Each array is stepped from
-start to end by one thread, so the second and third passes over an array that fits in
-cache read it from there; the arrays are shared between the threads by size.
+An unfactored array (one moment `v` per entry) and the NumPy fallback take a pass more,
+for `sum u²`.  `u = dx / sqrt(row scale) / sqrt(column)` is never stored.  Each array is
+stepped from start to end by one thread (an array that fits in cache is read from there
+the second time); the arrays are shared between the threads by their cost.
 
 An array is seen as `(outer, P, between, Q, inner)`, where P and Q are its two factored
 axes in axis order (the largest and the second largest, as `Adafactor` picks them): a
@@ -21,11 +23,12 @@ conv weight `(out, in, kh, kw)` is `(1, out, 1, in, kh * kw)`.  The second momen
 a mean over P (indexed `(a, b, q, c)`) is `state_p`, the one over Q (`(a, p, b, c)`)
 `state_q`; which of them is the rule's `v_row` depends on which axis is the largest.
 
-Rounding: the second moments are rounded as the generic path rounds them, but their sums
-(and the RMS) are taken in float64 where the generic path sums in the arrays' dtype; the
-update is computed with the factors' reciprocals.  In float64 that is the generic result
-to about 1e-15; in float32 the states differ by the generic path's own summation error
-(a few ulps to a few tens), `x` by an ulp or two.
+Rounding: every state is updated in the arrays' dtype as the generic path updates it, but
+from sums taken in another order (blocks of a row summed in the dtype, then in float64;
+`sum u²` from the factored form); the update is computed with the factors' reciprocals.
+In float64 that is the generic result to about 1e-15; in float32 the states differ by
+about the generic path's own summation error (a few ulps to a few tens), `x` by an ulp or
+two of its largest entries.
 """
 
 from __future__ import annotations
@@ -421,7 +424,9 @@ def _numpy_factored(job: _Job, buffer: Any, other: Any) -> None:
         )
         square += cast(k[EPS])
         along_p[a] += square.sum(axis=0)
-        along_q[a, p0:p1] = square.sum(axis=2)
+        # einsum sums over q at the speed of a contiguous sum; NumPy's sum over an axis in the
+        # middle runs its loop over `inner` entries at a time
+        along_q[a, p0:p1] = square.sum(axis=2) if inner == 1 else np.einsum("pbqc->pbc", square)
         if k[SCALED] != 0:
             offset = (a * size_p + p0) * row
             x_squares += _dot(x[offset : offset + (p1 - p0) * row])
