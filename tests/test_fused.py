@@ -36,9 +36,6 @@ GENERIC_ONLY = {
     # Layer-wise and factored rules reduce over each array between reading dx and writing.
     "GradCentralization()": "per-array reduction",
     "Optimiser(GradCentralization, Adam)": "per-array reduction",
-    "Adafactor()": "per-array reduction",
-    "Adafactor(factored, momentum, lambda_)": "per-array reduction",
-    "Adafactor(clipping_threshold=None, multiply_by_parameter_scale=False)": "per-array reduction",
     "SM3()": "per-array reduction",
     "SM3(momentum=0.0)": "per-array reduction",
     # Lookahead wraps another rule and sets parameters to its slow weights (Replace) every k steps.
