@@ -316,3 +316,25 @@ def test_a_host_state_replaced_by_hand_takes_the_generic_path(mode, taken):
     co.state_store(opt).get(params["layer07"]).nu = 0.5  # a float, not a 0-d array
     co.update_(opt, params, good(params, 1))
     assert taken == [True, False]
+
+
+def test_hyperparameters_changed_between_steps_are_planned_again(mode, taken):
+    """`throw` turned on after Adam makes the clip decisive after state: the generic path."""
+    params = big_tree()
+    opt = co.Optimiser(co.Adam(), co.ClipNorm(1e-3, throw=False))
+    co.update_(opt, params, good(params, 0))
+    opt[1].throw = True
+    co.update_(opt, params, good(params, 1))
+    opt[1].throw = False
+    co.update_(opt, params, good(params, 2))
+    assert taken == [True, False, True]
+
+
+def test_adafactor_momentum_turned_on_later_takes_the_generic_path_once(mode, taken):
+    params = big_tree(np.float32)
+    opt = co.Adafactor()
+    co.update_(opt, params, good(params, 0))
+    opt.momentum = 0.9
+    co.update_(opt, params, good(params, 1))  # the generic path makes the momentum
+    co.update_(opt, params, good(params, 2))
+    assert taken == [True, False, True]

@@ -99,8 +99,12 @@ class Checked:
         return True
 
     def host_state_ok(self, x: Any) -> bool:
-        """Whether the reductions' host-side state is still what they expect (it is replaced
-        at every step, so it is checked at every step)."""
+        """Whether the reductions' host-side state, and a whole-rule kernel's state, are still
+        what they expect.  Checked at every step: the first is replaced at every step, and
+        what the second expects depends on hyperparameters that may have changed since."""
+        whole = self.route.whole
+        if whole is not None and not whole.kernel.accepts(whole.rule, self.whole_state, x):
+            return False
         return all(
             boundary.reduce.state_ok(rule_state, x)
             for boundary, rule_state in zip(self.route.boundaries, self.boundary_states)

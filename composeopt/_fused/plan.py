@@ -87,11 +87,13 @@ class Route:
     stages: tuple[Stage, ...]
     boundaries: tuple[Boundary, ...]
     whole: Whole | None
-    last_decisive: int = field(init=False)  # the last boundary that may raise or skip, or -1
 
-    def __post_init__(self) -> None:
+    @property
+    def last_decisive(self) -> int:
+        """The last boundary that may raise or skip, or -1 (asked at every step: it depends
+        on hyperparameters, `ClipNorm.throw`, which may change between steps)."""
         decisive = [n for n, b in enumerate(self.boundaries) if b.reduce.decisive(b.rule)]
-        object.__setattr__(self, "last_decisive", decisive[-1] if decisive else -1)
+        return decisive[-1] if decisive else -1
 
     @property
     def entries(self) -> list[Entry]:
