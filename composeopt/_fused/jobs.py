@@ -185,6 +185,7 @@ def _read_gradients(backend: Any, jobs: list[Job]) -> None:
     written = {id(job.leaf.x) for job in jobs}
     for job in jobs:
         written.update(map(id, job.checked.originals))
+        written.update(map(id, _host_arrays(job)))
     table: Extents | None = None
     for job in jobs:
         dx = job.leaf.dx
