@@ -205,9 +205,8 @@ def measured_stage_source(
     """A stage that writes `out` and measures it as it goes: per `(of, kind)` of `measures`,
     `acc[m]` gets `_numba_norms.power`'s kind of the stage's output (`of == "d"`) or of `x`.
 
-    Only the sums may be reordered (`fastmath={"reassoc"}`, so that they vectorise): the
-    stage's own arithmetic is then free to be reassociated too, which can change a result by
-    an ulp, as the reduction's order does.
+    The sums are taken in order, without `fastmath`: the stage's own arithmetic then rounds
+    exactly as in the unmeasured stage, and a step gives the same bits in every process.
     """
     names = list(rule_names(kernels))
     arrays = "".join(", " + n.array(s) for n in names for s in n.kernel.state)
@@ -230,7 +229,7 @@ def measured_stage_source(
     lines += [f"    acc[{m}] = a{m}" for m in range(len(measures))]
     header = _HEADER.replace(
         '@njit(cache=True, nogil=True, error_model="numpy")\n',
-        _LARGER + '\n\n@njit(cache=True, nogil=True, error_model="numpy", fastmath={"reassoc"})\n',
+        _LARGER + '\n\n@njit(cache=True, nogil=True, error_model="numpy")\n',
     )
     return header + "\n".join(lines) + "\n"
 
