@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from . import _fused
+from ._collective import comms_of
 from ._dispatch import backend_name, is_array, namespace
 from .check import MISSING, Leaf, as_array, collect
 from .errors import ShapeMismatchError, UnsupportedArrayError
@@ -110,9 +111,10 @@ def update_(opt: Rule, params: T, grads: Any) -> T:
     store = state_store(opt)
     with store.lock:
         fused = _fused.plan(opt)
-        if fused is not None and _fused.batched_step_(fused, opt, store, params, grads):
+        comms = comms_of(opt)
+        if not comms and fused is not None and _fused.batched_step_(fused, opt, store, params, grads):
             return params  # the same tree as the last steps: one call over all of it
-        leaves = collect(store, params, grads, copy=fused is None, in_place=True)
+        leaves = _checked_everywhere(comms, store, params, grads, copy=fused is None, in_place=True)
         if fused is not None and _fused.step_(fused, opt, store, leaves):
             return params  # one pass wrote x and the states; otherwise leaves now hold gradient copies
         updates = _step(opt, store, leaves)
@@ -142,7 +144,7 @@ def update(opt: Rule, params: T, grads: Any) -> T:
         raise TypeError(f"update: expected a composeopt Rule, got a {type(opt).__name__}")
     store = state_store(opt)
     with store.lock:
-        leaves = collect(store, params, grads, copy=True, in_place=False)
+        leaves = _checked_everywhere(comms_of(opt), store, params, grads, copy=True, in_place=False)
         updates = _step(opt, store, leaves)
         new_arrays = {}
         for leaf, change in zip(leaves, updates):
@@ -153,6 +155,32 @@ def update(opt: Rule, params: T, grads: Any) -> T:
             store.move(leaf.x, new, leaf.path)
     new_params: T = rebuild(params, lambda x: new_arrays.get(id(x), x))
     return new_params
+
+
+def _checked_everywhere(
+    comms: list[Any], store: StateStore, params: Any, grads: Any, **how: bool
+) -> list[Leaf]:
+    """The check phase; for a chain that communicates (`AllReduceMean`), on every rank at
+    once: if it fails on one, or the ranks' trees differ, every rank raises before the
+    step begins (else the others would wait for the one that raised)."""
+    if not comms:
+        return collect(store, params, grads, **how)
+    from .dist.agree import agree, fingerprint
+
+    try:
+        leaves = collect(store, params, grads, **how)
+    except Exception as err:
+        for comm in comms:
+            agree(comm, err, b"")
+        raise
+    layout = fingerprint(
+        [str(leaf.path) for leaf in leaves],
+        [tuple(leaf.x.shape) for leaf in leaves],
+        [leaf.x.dtype for leaf in leaves],
+    )
+    for comm in comms:
+        agree(comm, None, layout)
+    return leaves
 
 
 def _step(opt: Rule, store: StateStore, leaves: list[Leaf]) -> list[Any]:

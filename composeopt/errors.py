@@ -22,6 +22,7 @@ __all__ = [
     "AliasingError",
     "CheckpointError",
     "ComposeoptError",
+    "DistributedError",
     "HyperparameterError",
     "NonFiniteError",
     "ScheduleError",
@@ -83,6 +84,12 @@ class CheckpointError(ComposeoptError, ValueError):
 class AliasingError(ComposeoptError, ValueError):
     """Two parameters share memory (`W` and `W.T`, overlapping slices), or a parameter's
     elements overlap each other (an expanded view): an in-place step cannot update them."""
+
+
+class DistributedError(ComposeoptError, RuntimeError):
+    """The ranks of a data-parallel step disagree: a check failed on some rank, or their
+    parameter trees differ.  Every rank raises it, with the same message, before anything
+    has changed on any of them."""
 
 
 class StateResetWarning(UserWarning):

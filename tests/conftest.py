@@ -4,7 +4,16 @@ CuPy when a GPU is present; missing backends skip cleanly."""
 
 from __future__ import annotations
 
+import functools
 import importlib
+import importlib.util
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -85,3 +94,87 @@ def backend(request: pytest.FixtureRequest) -> Backend:
 def cupy_backend() -> Backend:
     """CuPy on a GPU, or a skip."""
     return get_backend("cupy")
+
+
+# --- Several processes under MPI -------------------------------------------------------------
+
+DIST_SCRIPTS = pathlib.Path(__file__).parent / "dist"
+"""Scripts that run on every rank of an MPI job (`mpiexec -n N python -m mpi4py script.py`)."""
+
+
+def _mpiexec() -> str | None:
+    """The `mpiexec` of this environment (the mpich wheel puts it beside the interpreter)."""
+    beside = pathlib.Path(sys.executable).parent / "mpiexec"
+    return str(beside) if beside.exists() else shutil.which("mpiexec")
+
+
+@functools.cache
+def _mpi_missing() -> str | None:
+    """Why MPI jobs cannot run here, or `None` if a 2-rank job starts and sees 2 ranks."""
+    if importlib.util.find_spec("mpi4py") is None:
+        return "mpi4py is not installed"
+    if _mpiexec() is None:
+        return "no mpiexec on the PATH"
+    try:
+        done = _launch(["-c", "from mpi4py import MPI; print(MPI.COMM_WORLD.Get_size())"], 2, 60)
+    except subprocess.TimeoutExpired:
+        return "a 2-rank MPI job did not start within 60 s"
+    sizes = done.stdout.split()
+    if done.returncode != 0 or sizes != ["2", "2"]:
+        # A launcher from one MPI and a library from another start N singletons of size 1.
+        return f"mpiexec -n 2 does not start one job of 2 ranks (printed {sizes}, rc {done.returncode})"
+    return None
+
+
+def _launch(arguments: list[str], ranks: int, timeout: float, env: dict[str, str] | None = None) -> Any:
+    """`mpiexec -n ranks python ...`, in a process group of its own, killed whole at `timeout`."""
+    environment = {**os.environ, **(env or {})}
+    # mpiexec's own limit, a little before ours, so that it can tear the job down itself.
+    environment["MPIEXEC_TIMEOUT"] = str(max(1, int(timeout) - 5))
+    environment["COMPOSEOPT_TEST_RANKS"] = str(ranks)
+    command = [_mpiexec() or "mpiexec", "-n", str(ranks), sys.executable, *arguments]
+    process = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=environment,
+        start_new_session=True,
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
+
+
+@pytest.fixture
+def mpirun() -> Callable[..., Any]:
+    """`mpirun(script, ranks, *args, timeout=120, env=None, check=True)` runs `tests/dist/script`
+    on `ranks` MPI processes as `python -m mpi4py` (an exception on any rank aborts the whole
+    job) and returns the finished process; skips when MPI cannot start here.  A job that runs
+    past `timeout` is killed, with every process it started, and fails the test."""
+    missing = _mpi_missing()
+    if missing is not None:
+        pytest.skip(missing)
+
+    def run(
+        script: str,
+        ranks: int,
+        *args: str,
+        timeout: float = 120,
+        env: dict[str, str] | None = None,
+        check: bool = True,
+    ) -> Any:
+        path = DIST_SCRIPTS / script
+        try:
+            done = _launch(["-m", "mpi4py", str(path), *args], ranks, timeout, env)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{script} on {ranks} ranks ran past {timeout} s and was killed")
+        if check and done.returncode != 0:
+            pytest.fail(f"{script} on {ranks} ranks exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
+        return done
+
+    return run

@@ -86,6 +86,11 @@ class Reduce:
             planner lets it be only the first boundary, after stateless kernels.
         state_ok: `state_ok(rule_state, x) -> bool`, whether host-side state that
             `finish` reads and writes is what `init` makes (else: the generic path).
+        exchange: for a tree-scope reduction that combines the updates themselves rather
+            than numbers measured from them (the all-reduce of `AllReduceMean`):
+            `exchange(rule, updates, dtypes, paths) -> updates`, called before `finish`
+            with the 1-d updates as they reach the rule, which it must not write; what
+            it returns is what the next stage reads.
     """
 
     measures: Callable[[Any], tuple[Measure, ...]]
@@ -93,6 +98,7 @@ class Reduce:
     scope: str = "array"
     decisive: Callable[[Any], bool] = lambda rule: False
     state_ok: Callable[[Any, Any], bool] = lambda state, x: True
+    exchange: Callable[[Any, Sequence[Any], Sequence[Any], Sequence[str]], list[Any]] | None = None
 
 
 @dataclass(frozen=True, eq=False)

@@ -191,6 +191,15 @@ def _finish(jobs: Sequence[Job], number: int, values: dict[int, list[float]], co
         meetings.setdefault(key, []).append(job)
     for members in meetings.values():
         boundary = members[0].route.boundaries[number]
+        if boundary.reduce.exchange is not None:
+            exchanged = boundary.reduce.exchange(
+                boundary.rule,
+                [job.source for job in members],
+                [job.x.dtype for job in members],
+                [str(job.leaf.path) for job in members],
+            )
+            for job, source in zip(members, exchanged):
+                job.source = source
         outcome = boundary.reduce.finish(
             boundary.rule,
             [job.boundary_states[number] for job in members],
