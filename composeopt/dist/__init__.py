@@ -1,0 +1,22 @@
+"""Data-parallel training across processes: the gradients averaged over the ranks
+(`AllReduceMean`), or the optimiser state sharded over them (`ShardedOptimiser`,
+ZeRO stage 1), over MPI (`MPIComm`), NCCL (`NCCLComm`) or `torch.distributed`
+(`TorchComm`).
+
+```python
+from mpi4py import MPI
+import composeopt as co
+from composeopt import dist
+
+comm = dist.MPIComm(MPI.COMM_WORLD)
+opt = co.Optimiser(dist.AllReduceMean(comm), co.ClipGlobalNorm(1.0), co.AdamW(1e-3))
+co.update_(opt, params, local_grads)   # every rank ends with the same params
+```
+"""
+
+from __future__ import annotations
+
+from .allreduce import AllReduceMean
+from .comm import Comm, LocalComm, MPIComm
+
+__all__ = ["AllReduceMean", "Comm", "LocalComm", "MPIComm"]
