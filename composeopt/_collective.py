@@ -82,12 +82,13 @@ def any_across(flag: bool) -> bool:
 
 
 def comms_of(opt: Any) -> list[Any]:
-    """The communicators of the rules of `opt` (a rule keeps its own as `_comm`), each once."""
+    """The communicators of more than one rank of the rules of `opt` (a rule keeps its own
+    as `_comm`), each once."""
     from .rule import walk_rules
 
     found: list[Any] = []
     for rule in walk_rules(opt):
         comm = vars(rule).get("_comm")
-        if comm is not None and all(comm is not other for other in found):
+        if comm is not None and comm.size > 1 and all(comm is not other for other in found):
             found.append(comm)
     return found

@@ -43,6 +43,13 @@ def _finish(rule: AllReduceMean, states: Any, values: Any, dtypes: Sequence[Any]
     return Outcome([{"ranks": float(rule._divisor(dtype))} for dtype in dtypes])
 
 
+_ACROSS = Staged(
+    Reduce(lambda rule: (), _finish, scope="tree", exchange=_exchange),
+    Kernel("return dx / ranks"),
+)
+_ALONE = Kernel("return dx")
+
+
 class AllReduceMean(Rule):
     r"""Average the gradients over the ranks of a communicator: `AllReduceMean(comm)`.
 
@@ -76,10 +83,12 @@ class AllReduceMean(Rule):
     fallible = False
     bucket_bytes: Hyper[int] = Hyper(default=25 * 2**20, check=positive_int)
     reduce_dtype: Hyper[str | None] = Hyper(default=None, check=_dtype_or_none)
-    _kernel = Staged(
-        Reduce(lambda rule: (), _finish, scope="tree", exchange=_exchange),
-        Kernel("return dx / ranks"),
-    )
+
+    @property
+    def _kernel(self) -> Any:
+        # One rank has nothing to average: the rule is then the identity, which fuses
+        # into its neighbours' pass (and lets the step take the one-call batched path).
+        return _ALONE if self._comm.size == 1 else _ACROSS
 
     def __init__(self, comm: Comm, bucket_bytes: int = 25 * 2**20, reduce_dtype: Any = None) -> None:
         if not isinstance(comm, Comm):
