@@ -113,7 +113,6 @@ class ShardedOptimiser:
         self._comm = comm
         self._mode = mode if mode is not None else ("flat" if fits_flat else "whole")
         self.reduce_dtype = _dtype_or_none(reduce_dtype)
-        self._checks = StateStore()  # holds no state: the engine's check wants a store
         self._lock = threading.RLock()
         self._layout: ShardLayout | None = None
         self._buffers: ShardBuffers | None = None
@@ -187,7 +186,9 @@ class ShardedOptimiser:
         error: BaseException | None = None
         try:
             check_rule(self._rule)  # hyperparameters (ClipNorm.throw) may have changed
-            leaves = collect(self._checks, params, grads, copy=False, in_place=True)
+            # A store of its own each step: it holds no state, and no path is owned by an array
+            # (the params may be new arrays every step: the inner state is keyed by the shards).
+            leaves = collect(StateStore(), params, grads, copy=False, in_place=True)
             for leaf in leaves:
                 if not self._comm.accepts(leaf.x):
                     raise UnsupportedArrayError(
