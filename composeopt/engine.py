@@ -106,6 +106,10 @@ def update_(opt: Rule, params: T, grads: Any) -> T:
         >>> print(params["w"])
         [ 0.9 -2.1]
     """
+    hook = getattr(type(opt), "_composeopt_update_", None)
+    if hook is not None:  # an optimiser that takes its step its own way (dist.ShardedOptimiser)
+        hook(opt, params, grads)
+        return params
     if not isinstance(opt, Rule):
         raise TypeError(f"update_: expected a composeopt Rule, got a {type(opt).__name__}")
     store = state_store(opt)
@@ -140,6 +144,8 @@ def update(opt: Rule, params: T, grads: Any) -> T:
         >>> print(params["w"], new["w"])
         [1. 1.] [0.5 0.5]
     """
+    if getattr(type(opt), "_composeopt_update_", None) is not None:
+        raise TypeError(f"update: a {type(opt).__name__} updates its params in place; call update_")
     if not isinstance(opt, Rule):
         raise TypeError(f"update: expected a composeopt Rule, got a {type(opt).__name__}")
     store = state_store(opt)

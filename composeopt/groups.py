@@ -16,6 +16,7 @@ import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Union
 
+from ._collective import combine_powers, current
 from .errors import TreeStructureError
 from .rule import Rule
 from .tree import Path
@@ -151,8 +152,14 @@ class Groups(Rule):
 
     def _assign(self, xs: Sequence[Any], paths: Sequence[str], check: bool) -> list[Any]:
         named = [path if isinstance(path, Path) else Path(path) for path in paths]
-        indices = [self._group_of(x, path) for x, path in zip(xs, named)]
-        if check and xs:
+        sharded = check and current() is not None
+        try:
+            indices = [self._group_of(x, path) for x, path in zip(xs, named)]
+        except TreeStructureError:
+            if sharded:  # the other ranks wait for this rank's groups in the check: tell them
+                combine_powers([1.0] + [0.0] * len(self._rules()), 1)
+            raise
+        if check and (xs or sharded):
             self._check_every_group_takes_some(set(indices), named)
         states: list[Any] = [None] * len(xs)
         rules = self._rules()
@@ -164,6 +171,13 @@ class Groups(Rule):
         return states
 
     def _check_every_group_takes_some(self, taken: set[int], paths: Sequence[Path]) -> None:
+        if current() is not None:
+            # A sharded step (composeopt.dist.ShardedOptimiser): each rank holds a part of the
+            # tree, and a group is empty only if it takes none of any rank's parameters.
+            told = combine_powers([0.0] + [1.0 if k in taken else 0.0 for k in range(len(self._rules()))], 1)
+            if told[0] > 0:
+                raise TreeStructureError("Groups: another rank has a parameter that no group takes")
+            taken = {k for k, count in enumerate(told[1:]) if count > 0}
         empty = [index for index in range(len(self.groups)) if index not in taken]
         if not empty:
             return

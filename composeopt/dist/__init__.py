@@ -11,6 +11,9 @@ from composeopt import dist
 comm = dist.MPIComm(MPI.COMM_WORLD)
 opt = co.Optimiser(dist.AllReduceMean(comm), co.ClipGlobalNorm(1.0), co.AdamW(1e-3))
 co.update_(opt, params, local_grads)   # every rank ends with the same params
+
+zopt = dist.ShardedOptimiser(co.Optimiser(co.ClipGlobalNorm(1.0), co.AdamW(1e-3)), comm)
+co.update_(zopt, params, local_grads)  # each rank keeps the AdamW moments of 1/N of params
 ```
 """
 
@@ -18,5 +21,6 @@ from __future__ import annotations
 
 from .allreduce import AllReduceMean
 from .comm import Comm, LocalComm, MPIComm
+from .sharded import ShardedOptimiser
 
-__all__ = ["AllReduceMean", "Comm", "LocalComm", "MPIComm"]
+__all__ = ["AllReduceMean", "Comm", "LocalComm", "MPIComm", "ShardedOptimiser"]

@@ -8,6 +8,7 @@ from typing import Any
 
 from array_api_compat import device
 
+from .._collective import combine_powers, current
 from .._dispatch import namespace
 from .._fused.kernel import Kernel
 from .._fused.reduce import Measure, Outcome, Reduce, Staged, capped, clip_scale, joint_power, norm_of
@@ -47,7 +48,10 @@ def _finish_joint(
     paths: Sequence[str],
 ) -> Outcome:
     powers = [capped(power, dtype) for (power,), dtype in zip(values, dtypes)]
-    scale = clip_scale(norm_of(joint_power(powers, rule.p, dtypes), rule.p), rule.omega)
+    total = joint_power(powers, rule.p, dtypes)
+    if current() is not None:  # a sharded step: this rank's shard is a part of the tree
+        total = joint_power(combine_powers([total], rule.p), rule.p, dtypes)
+    scale = clip_scale(norm_of(total, rule.p), rule.omega)
     return Outcome([{"scale": scale}] * len(values))
 
 
@@ -141,7 +145,10 @@ class ClipGlobalNorm(Rule):
 
     A tree-level rule: $N$ is the norm of the gradients as they reach this rule
     in the chain, over every parameter updated this step.  $N$ stays a 0-d array
-    on the device, so the rule never waits for the GPU.
+    on the device, so the rule never waits for the GPU; inside a
+    [ShardedOptimiser][composeopt.dist.ShardedOptimiser] each rank holds a part
+    of the tree, and the parts' sums are added over the ranks (one scalar
+    all-reduce, read on the host).
 
     Args:
         omega: the largest joint norm allowed, $\omega > 0$.
@@ -191,5 +198,8 @@ class ClipGlobalNorm(Rule):
                 total = xp.maximum(total, power)
             else:
                 total = total + power
+        if current() is not None:  # a sharded step: add up the other ranks' parts of the tree
+            combined = combine_powers([float(total)], self.p)[0]
+            total = xp.asarray(combined, dtype=total.dtype, device=device(total))
         norm = norm_from_power(xp, total, self.p)
         return [_scale_down(xp, dx, norm, self.omega) for dx in dxs]

@@ -8,6 +8,7 @@ from typing import Any
 
 from array_api_compat import device
 
+from .._collective import current, sum_across
 from .._dispatch import namespace
 from ..hyper import Hyper, nonnegative, positive_int
 from ..rule import Rule, State
@@ -26,7 +27,15 @@ def _tree_dot(xp: ModuleType, pairs: Sequence[tuple[Any, Any]]) -> Any:
     total = _dot(xp, *pairs[0])
     for a, b in pairs[1:]:
         total = total + _dot(xp, a, b)
-    return total
+    return _over_ranks(xp, total)
+
+
+def _over_ranks(xp: ModuleType, total: Any) -> Any:
+    """A sum over this rank's parameters, summed over the ranks in a sharded step (the
+    tree is spread over them); as it is otherwise."""
+    if current() is None:
+        return total
+    return xp.asarray(sum_across(float(total)), dtype=total.dtype, device=device(total))
 
 
 class LBFGS(Rule):
@@ -48,7 +57,8 @@ class LBFGS(Rule):
     holds its slot in the memory until newer pairs push it out.  The first step
     has no pairs: $\Delta = \eta\, g / \max(1, \lVert g\rVert_1)$.  The dot
     products are sums over every parameter of the step and stay 0-d arrays on
-    the device.  For float16 and bfloat16 parameters they, the first step's
+    the device (inside a [ShardedOptimiser][composeopt.dist.ShardedOptimiser]
+    each is read on the host and summed over the ranks).  For float16 and bfloat16 parameters they, the first step's
     scale and the two-loop recursion are computed in float32 (its scalars
     pass float16's 65504 when the steps are small); the pairs keep the
     parameter's dtype.
@@ -183,4 +193,4 @@ def _l1(xp: ModuleType, arrays: Sequence[Any]) -> Any:
     for a in arrays:
         part = norm_power(xp, a, 1)
         total = part if total is None else total + part
-    return total
+    return _over_ranks(xp, total)

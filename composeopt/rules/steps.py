@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from .._collective import any_across
 from .._dispatch import namespace
 from .._fused.reduce import FINITE, Measure, Outcome, Reduce, Wrapping
 from ..errors import HyperparameterError, NonFiniteError
@@ -76,12 +77,15 @@ def _max_consecutive(value: Any) -> int | None:
         raise HyperparameterError(f"{err} (or None, never give up)") from None
 
 
+_ANOTHER_RANK = "a parameter of another rank's shard"
+
+
 def _decide(
     rule: SkipNonFinite, states: Sequence[Any], flags: Sequence[Sequence[float]], paths: Sequence[str]
 ) -> Outcome:
     """The fast path's decision, from each gradient's finite flag (0.0, or NaN): as `apply_tree_`."""
     finite = [flag == 0.0 for (flag,) in flags]
-    if all(finite):
+    if not any_across(not all(finite)):  # in a sharded step, a bad gradient on any rank skips
 
         def restart() -> None:
             for state in states:
@@ -89,7 +93,7 @@ def _decide(
 
         return Outcome([{}] * len(states), restart)
     if rule.max_consecutive is not None and max(s.streak for s in states) >= rule.max_consecutive:
-        first = next(path for path, ok in zip(paths, finite) if not ok)
+        first = next((path for path, ok in zip(paths, finite) if not ok), _ANOTHER_RANK)
         raise NonFiniteError(
             f"{first}: gradient is not finite, after {rule.max_consecutive} skipped steps in a row"
         )
@@ -108,7 +112,9 @@ class SkipNonFinite(Wrapper):
     A tree-level rule: if any gradient of the tree holds an infinity or a NaN,
     the whole step is skipped (no parameter and no state of `inner` changes)
     and counted; otherwise `inner` takes the step.  Deciding needs one read
-    of a device flag per step (a GPU sync).
+    of a device flag per step (a GPU sync).  Inside a
+    [ShardedOptimiser][composeopt.dist.ShardedOptimiser] a non-finite gradient
+    in any rank's shard skips the step on every rank.
 
     Args:
         inner: the rule or chain to protect; wrap the whole chain so that no
@@ -165,12 +171,12 @@ class SkipNonFinite(Wrapper):
         finite = xp.all(xp.isfinite(dxs[0]))
         for dx in dxs[1:]:
             finite = xp.logical_and(finite, xp.all(xp.isfinite(dx)))
-        if bool(finite):  # the one host read of the step
+        if not any_across(not bool(finite)):  # the one host read of the step
             for state in states:
                 state.streak = 0
             return self.inner.apply_tree_([state.inner for state in states], xs, dxs, paths)
         if self.max_consecutive is not None and max(s.streak for s in states) >= self.max_consecutive:
-            first = next(p for p, dx in zip(paths, dxs) if not bool(xp.all(xp.isfinite(dx))))
+            first = next((p for p, dx in zip(paths, dxs) if not bool(xp.all(xp.isfinite(dx)))), _ANOTHER_RANK)
             raise NonFiniteError(
                 f"{first}: gradient is not finite, after {self.max_consecutive} skipped steps in a row"
             )
