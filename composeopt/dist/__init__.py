@@ -17,6 +17,7 @@ co.update_(opt, params, local_grads)   # every rank ends with the same params
 from __future__ import annotations
 
 from .allreduce import AllReduceMean
+from .checkpoint import consolidate, load, save
 from .comm import Comm, LocalComm, MPIComm
 
-__all__ = ["AllReduceMean", "Comm", "LocalComm", "MPIComm"]
+__all__ = ["AllReduceMean", "Comm", "LocalComm", "MPIComm", "consolidate", "load", "save"]
