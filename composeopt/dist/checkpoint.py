@@ -118,20 +118,32 @@ def _as_checkpoint_error(err: BaseException, where: str) -> BaseException:
 # --- the tree and its layout ------------------------------------------------------------
 
 
-def _local_key(path: str) -> str:
-    """A leaf's path in a rank file: the path of the local tree's entry for that leaf."""
-    return str(Path().child(path))
-
-
-def _tree_layout(params: Any, ranks: int, mode: str) -> ShardLayout:
+def _tree_layout(params: Any, ranks: int, mode: str) -> tuple[ShardLayout, dict[str, Path]]:
+    """The layout of `params` over `ranks` in `mode`, and each leaf's path by its string."""
     leaves = _distinct_leaves(params)
-    return ShardLayout.build(
+    layout = ShardLayout.build(
         list(leaves),
         [tuple(int(n) for n in x.shape) for _, x in leaves.values()],
         [_dtype_name(x.dtype) for _, x in leaves.values()],
         ranks,
         mode,
     )
+    return layout, {name: path for name, (path, _) in leaves.items()}
+
+
+def _as_params(local: dict[str, Any], paths: dict[str, Path]) -> Any:
+    """A local tree (arrays by their leaf's path) nested as the params are, so that the inner
+    rule sees each piece at its leaf's path, as it does in a step (groups select by path)."""
+    if len(local) == 1 and paths[next(iter(local))].keys == ():
+        return next(iter(local.values()))  # the params are one array
+    tree: dict[Any, Any] = {}
+    for name, array in local.items():
+        keys = paths[name].keys
+        node = tree
+        for key in keys[:-1]:
+            node = node.setdefault(key, {})
+        node[keys[-1]] = array
+    return tree
 
 
 def _piece_shape(layout: ShardLayout, piece: Piece) -> tuple[int, ...]:
@@ -216,10 +228,11 @@ def save(folder: str | os.PathLike[str], zopt: Any, params: Any) -> None:
     report: dict[str, Any] = {}
     error: BaseException | None = None
     try:
-        problem = _same_tree(layout, _tree_layout(params, layout.ranks, layout.mode))
+        current, paths = _tree_layout(params, layout.ranks, layout.mode)
+        problem = _same_tree(layout, current)
         if problem is not None:
             raise CheckpointError(f"the params are not the tree the optimiser was prepared for: {problem}")
-        checkpoint = state_dict(zopt.rule, zopt.local_tree())
+        checkpoint = state_dict(zopt.rule, _as_params(zopt.local_tree(), paths))
         os.makedirs(target, exist_ok=True)
         name = f"rank-{comm.rank:05d}-of-{comm.size:05d}.{token}.npz"
         written = os.path.join(target, name)
@@ -309,7 +322,7 @@ def _read_checkpoint(data: bytes, name: str) -> dict[str, Any]:
             raise CheckpointError(f"not a composeopt checkpoint: not a .npz archive ({err})") from None
         with archive:
             members = Archive(archive)
-            checkpoint = members.manifest()
+            checkpoint: dict[str, Any] = members.manifest()
             if checkpoint.get("format") != CHECKPOINT_FORMAT:
                 raise CheckpointError(
                     f"not a composeopt checkpoint: its 'format' is {shown(checkpoint.get('format'))}"
@@ -579,7 +592,7 @@ def _rank_file(manifest: _Manifest, rank: int) -> dict[str, Any]:
             raise CheckpointError(f"{file}: its entry {key!r} is not the manifest's")
     layout = manifest.layout
     expected = {
-        _local_key(layout.paths[piece.leaf]): {
+        layout.paths[piece.leaf]: {
             "shape": list(_piece_shape(layout, piece)),
             "dtype": layout.dtypes[piece.leaf],
         }
@@ -602,7 +615,7 @@ def _leaves_of_folder(manifest: _Manifest, wanted: set[int]) -> _Leaves:
     frozen: dict[int, bool] = {}
     for leaf in sorted(wanted):
         path = layout.paths[leaf]
-        key = _local_key(path)
+        key = path
         pieces = sorted((p for p in layout.pieces if p.leaf == leaf), key=lambda piece: piece.start)
         plains = [files[piece.rank]["states"].get(key, _MISSING) for piece in pieces]
         flags = {key in files[piece.rank]["frozen"] for piece in pieces}
@@ -656,6 +669,7 @@ class _Plan:
     """What this rank will load: its local tree's checkpoint, checked."""
 
     layout: ShardLayout
+    paths: dict[str, Path]
     checkpoint: dict[str, Any]
     checked: _Load | None  # None until checked against the optimiser's own local tree
     token: bytes
@@ -666,7 +680,7 @@ def _local_checkpoint(leaves: _Leaves, layout: ShardLayout, rank: int) -> dict[s
     states: dict[str, Any] = {}
     frozen: list[str] = []
     for piece in layout.pieces_of(rank):
-        key = _local_key(layout.paths[piece.leaf])
+        key = layout.paths[piece.leaf]
         params[key] = {"shape": list(_piece_shape(layout, piece)), "dtype": layout.dtypes[piece.leaf]}
         if piece.leaf in leaves.states:
             state = leaves.states[piece.leaf]
@@ -681,7 +695,7 @@ def _local_checkpoint(leaves: _Leaves, layout: ShardLayout, rank: int) -> dict[s
 def _planned(source: str, zopt: Any, params: Any) -> _Plan:
     rank = zopt.comm.rank
     manifest, name = _source(source)
-    current = _tree_layout(params, zopt.comm.size, zopt.mode)
+    current, paths = _tree_layout(params, zopt.comm.size, zopt.mode)
     if manifest is None:
         leaves, token = _leaves_of_file(name)
         problem = _same_tree(leaves.layout, current)
@@ -696,7 +710,7 @@ def _planned(source: str, zopt: Any, params: Any) -> _Plan:
     own = zopt.layout == current
     # Before the optimiser is prepared for this layout, the states are checked against what
     # init makes for stand-ins of the new pieces: the same shapes and dtypes.
-    tree = (
+    local = (
         zopt.local_tree()
         if own
         else {
@@ -704,11 +718,12 @@ def _planned(source: str, zopt: Any, params: Any) -> _Plan:
             for piece in current.pieces_of(rank)
         }
     )
+    tree = _as_params(local, paths)
     try:
         checked = _checked(zopt.rule, tree, checkpoint, True, _inline_array, copy=True)
     except CheckpointError as err:
         raise CheckpointError(f"{name}: {err}") from None
-    return _Plan(current, checkpoint, checked if own else None, token)
+    return _Plan(current, paths, checkpoint, checked if own else None, token)
 
 
 def load(source: str | os.PathLike[str], zopt: Any, params: Any) -> Any:
@@ -741,9 +756,8 @@ def load(source: str | os.PathLike[str], zopt: Any, params: Any) -> Any:
                 raise CheckpointError(
                     f"{name}: the optimiser built another layout than the checkpoint's check"
                 )
-            plan.checked = _checked(
-                zopt.rule, zopt.local_tree(), plan.checkpoint, True, _inline_array, copy=True
-            )
+            tree = _as_params(zopt.local_tree(), plan.paths)
+            plan.checked = _checked(zopt.rule, tree, plan.checkpoint, True, _inline_array, copy=True)
         except Exception as err:
             error = err
         _agree(comm, error, plan.token, f"dist.load of {name}")
