@@ -49,29 +49,6 @@ def assert_same(got: Any, want: Any) -> None:
         assert got[path].tobytes() == want[path].tobytes(), path
 
 
-def snapshot(zopt: Any, tree: Any) -> tuple[bytes, dict[str, bytes]]:
-    """Everything a load could change, as bytes: the inner state of this rank's pieces, its
-    step and hyperparameters, and the params."""
-    local = zopt.local_tree()
-    plain = co.state_dict(zopt.rule, local)
-    arrays: dict[str, bytes] = {}
-
-    def strip(value: Any, where: str) -> Any:
-        if isinstance(value, np.ndarray):
-            arrays[where] = value.dtype.str.encode() + str(value.shape).encode() + value.tobytes()
-            return "array"
-        if isinstance(value, dict):
-            return {key: strip(item, f"{where}/{key}") for key, item in value.items()}
-        if isinstance(value, list):
-            return [strip(item, f"{where}/{i}") for i, item in enumerate(value)]
-        return value
-
-    text = json.dumps(strip(plain, ""), sort_keys=True).encode()
-    for path, x in cases.flat(tree).items():
-        arrays["params" + path] = x.tobytes()
-    return text, arrays
-
-
 @pytest.mark.parametrize("mode", cases.MODES)
 def test_one_rank_save_load_consolidate(tmp_path: pathlib.Path, mode: str) -> None:
     zopt, tree = trained(mode, K)
@@ -203,10 +180,10 @@ def test_damaged_checkpoint_changes_nothing(tmp_path: pathlib.Path, case: str) -
     harm, message = HARMS[case]
     bad = damaged(tmp_path, harm)
     zopt, tree = trained("flat", K + 1)  # a run with its own state, which must stay as it is
-    before = snapshot(zopt, tree)
+    before = cases.snapshot(zopt, tree)
     with pytest.raises(CheckpointError, match=message):
         dist.load(bad, zopt, tree)
-    assert snapshot(zopt, tree) == before
+    assert cases.snapshot(zopt, tree) == before
     # Consolidating knows no params: a folder consistent in itself but for another tree is
     # joined, and then refused by composeopt.load.
     with pytest.raises(CheckpointError):
@@ -221,21 +198,68 @@ def test_params_of_another_layout_are_refused(tmp_path: pathlib.Path) -> None:
     other = cases.params()
     other["out"].append(np.zeros(2))
     fresh = sharded_standin.make(cases.rule("flat"), dist.LocalComm(), "flat")
-    with pytest.raises(CheckpointError, match=r"not for these params: parameters missing .*params\['out'\]\[1\]"):
+    with pytest.raises(
+        CheckpointError, match=r"not for these params: parameters missing .*params\['out'\]\[1\]"
+    ):
         dist.load(tmp_path, fresh, other)
     assert fresh.layout is None and len(co.state_store(fresh.rule)) == 0
-    before = snapshot(zopt, tree)
+    before = cases.snapshot(zopt, tree)
     other = cases.params()
     other["layer"]["b"] = np.zeros(3, dtype=np.float32)
-    with pytest.raises(CheckpointError, match=r"params\['layer'\]\['b'\]: checkpoint has shape \(3,\) and dtype float64"):
+    with pytest.raises(
+        CheckpointError, match=r"params\['layer'\]\['b'\]: checkpoint has shape \(3,\) and dtype float64"
+    ):
         dist.load(tmp_path, zopt, other)
-    assert snapshot(zopt, tree) == before
+    assert cases.snapshot(zopt, tree) == before
 
 
 def test_a_checkpoint_of_another_chain_is_refused(tmp_path: pathlib.Path) -> None:
     zopt, tree = trained("flat", K)
     dist.save(tmp_path, zopt, tree)
-    other = sharded_standin.make(co.Optimiser(co.ClipGlobalNorm(1.0), co.Momentum()), dist.LocalComm(), "flat")
+    other = sharded_standin.make(
+        co.Optimiser(co.ClipGlobalNorm(1.0), co.Momentum()), dist.LocalComm(), "flat"
+    )
     with pytest.raises(CheckpointError, match=r"the rules or the chain differ"):
         dist.load(tmp_path, other, tree)
     assert len(co.state_store(other.rule)) == 0
+
+
+# --- under MPI: saved on 4 ranks, resumed on 4, 2 and 1 -------------------------------------
+
+
+def test_resharded_resume_under_mpi(tmp_path: pathlib.Path, mpirun: Any) -> None:
+    mpirun("ckpt_save.py", 4, str(tmp_path))
+    for mode in cases.MODES:
+        opt, tree = cases.rule(mode), cases.params()
+        for step in range(K):
+            co.update_(opt, tree, cases.grads(step))
+        co.save(tmp_path / f"plain-{mode}.npz", opt, tree)
+    (tmp_path / "damage").touch()
+    mpirun("ckpt_resume.py", 2, str(tmp_path))
+    (tmp_path / "damage").unlink()
+    for name in ("plain-flat", "plain-whole"):
+        (tmp_path / f"{name}.npz").unlink()
+    mpirun("ckpt_resume.py", 4, str(tmp_path))
+
+    for rank in range(2):
+        refused = (tmp_path / f"refused-{rank}.txt").read_text()
+        for case in ("flipped-byte", "missing-file", "overlap", "fingerprint", "other-params"):
+            assert f"refused {case} |" in refused, (case, rank, refused)
+        assert "SHA-256 is not the one in the manifest" in refused
+    # The flipped byte is in the last old rank's file, which only the last new rank reads.
+    assert "rank 1 of 2 failed" in (tmp_path / "refused-0.txt").read_text()
+    for mode in cases.MODES:
+        want = cases.reference(mode, K + M)
+        for name in (f"{mode}-resumed-4", f"{mode}-resumed-2", f"plain-{mode}-resumed-2"):
+            with np.load(tmp_path / f"{name}.npz", allow_pickle=False) as saved:
+                assert_same(cases.unflat(saved), want)
+        with np.load(tmp_path / f"{mode}-params.npz", allow_pickle=False) as saved:
+            assert_same(resume(tmp_path / mode, mode, cases.unflat(saved)), want)  # on one rank
+        dist.consolidate(tmp_path / mode, tmp_path / f"{mode}-one.npz")
+        opt = cases.rule(mode)
+        with np.load(tmp_path / f"{mode}-params.npz", allow_pickle=False) as saved:
+            tree = cases.unflat(saved)
+        co.load(tmp_path / f"{mode}-one.npz", opt, tree)
+        for step in range(K, K + M):
+            co.update_(opt, tree, cases.grads(step))
+        assert_same(tree, want)

@@ -250,8 +250,9 @@ def save(folder: str | os.PathLike[str], zopt: Any, params: Any) -> None:
         (rank, said[1:].decode(errors="replace")) for rank, said in enumerate(everyone) if said[:1] != _OK
     ]
     reports = [] if failed else [json.loads(said[1:]) for said in everyone]
-    if not failed and any(other["rule"] != reports[0]["rule"] for other in reports):
-        failed = [(0, "the ranks' inner rules differ (step counts, hyperparameters or chains)")]
+    differ = [rank for rank, other in enumerate(reports) if other["rule"] != reports[0]["rule"]]
+    if differ:
+        failed = [(differ[0], "its inner rule differs from rank 0's (step count, hyperparameters or chain)")]
     if failed:
         if written is not None and os.path.exists(written):
             os.unlink(written)

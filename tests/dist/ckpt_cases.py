@@ -4,6 +4,7 @@ of the two shard modes."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
@@ -60,3 +61,26 @@ def unflat(arrays: Any) -> dict[str, Any]:
     for path, x in array_leaves(tree):
         x[...] = arrays[str(path)]
     return tree
+
+
+def snapshot(zopt: Any, tree: Any) -> tuple[bytes, dict[str, bytes]]:
+    """Everything a load could change, as bytes: the inner state of this rank's pieces, its
+    step and hyperparameters, and the params."""
+    local = zopt.local_tree()
+    plain = co.state_dict(zopt.rule, local)
+    arrays: dict[str, bytes] = {}
+
+    def strip(value: Any, where: str) -> Any:
+        if isinstance(value, np.ndarray):
+            arrays[where] = value.dtype.str.encode() + str(value.shape).encode() + value.tobytes()
+            return "array"
+        if isinstance(value, dict):
+            return {key: strip(item, f"{where}/{key}") for key, item in value.items()}
+        if isinstance(value, list):
+            return [strip(item, f"{where}/{i}") for i, item in enumerate(value)]
+        return value
+
+    text = json.dumps(strip(plain, ""), sort_keys=True).encode()
+    for path, x in flat(tree).items():
+        arrays["params" + path] = x.tobytes()
+    return text, arrays

@@ -67,12 +67,13 @@ class StandIn:
         pieces = layout.pieces_of(self.comm.rank)
         local_grads = {
             layout.paths[p.leaf]: (
-                dxs[p.leaf].reshape(-1)[p.start : p.stop].copy() if self.mode == "flat" else dxs[p.leaf].copy()
+                dxs[p.leaf].reshape(-1)[p.start : p.stop].copy()
+                if self.mode == "flat"
+                else dxs[p.leaf].copy()
             )
             for p in pieces
         }
-        if pieces:
-            co.update_(self.rule, self._nested(self._local), self._nested(local_grads))
+        co.update_(self.rule, self._nested(self._local), self._nested(local_grads))  # a step on every rank
         mine = b"".join(np.ascontiguousarray(self._local[layout.paths[p.leaf]]).tobytes() for p in pieces)
         everyone = self.comm.allgather_bytes(mine)
         for rank, data in enumerate(everyone):
