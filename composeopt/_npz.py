@@ -198,6 +198,30 @@ class Archive:
         except CheckpointError as err:
             raise Refused(str(err)) from None
 
+    def read_numeric(self, plain: Any, max_bytes: int) -> np.ndarray:
+        """The array that `plain` refers to, whatever its shape, if it is a native numeric
+        array of at most `max_bytes` (for readers that know no expected shape beforehand)."""
+        if not (
+            isinstance(plain, dict) and set(plain) == {"__array__"} and isinstance(plain["__array__"], str)
+        ):
+            raise Refused(f"expected a reference to an array, got {shown(plain)}")
+        name = plain["__array__"]
+        if name in self.used:
+            raise Refused(f"member {name!r} is used twice")
+        self.used.add(name)
+
+        def check(shape: tuple[int, ...], dtype: np.dtype[Any]) -> str | None:
+            if dtype.kind not in "biufc" or not dtype.isnative or dtype.hasobject:
+                return "expected a number array in the machine's byte order"
+            if math.prod(shape) * dtype.itemsize > max_bytes:
+                return f"that is more than the {max_bytes} bytes left in the file"
+            return None
+
+        try:
+            return self._open(name, check)
+        except CheckpointError as err:
+            raise Refused(str(err)) from None
+
 
 def _npy_header(stream: Any, name: str) -> bytes:
     """The bytes of an .npy member's header, read no further than NumPy's limit on its length."""

@@ -652,8 +652,14 @@ def save(file: str | os.PathLike[str], opt: Rule, params: Any) -> None:
     rest is JSON in the member `__composeopt__`, which names them.  The archive is written to
     a temporary file beside `file`, then renamed over it.
     """
+    write_checkpoint(file, state_dict(opt, params))
+
+
+def write_checkpoint(file: str | os.PathLike[str], checkpoint: dict[str, Any]) -> None:
+    """Write a checkpoint dict as [state_dict][composeopt.state_dict] makes it to `file`, as
+    [save][composeopt.save] does (also for checkpoints assembled elsewhere, from shards)."""
     arrays: dict[str, np.ndarray] = {}
-    checkpoint = state_dict(opt, params)
+    checkpoint = dict(checkpoint)
     checkpoint["states"] = {
         path: _split_arrays(state, arrays, _member_part(path)) for path, state in checkpoint["states"].items()
     }

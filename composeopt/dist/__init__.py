@@ -20,7 +20,17 @@ co.update_(zopt, params, local_grads)  # each rank keeps the AdamW moments of 1/
 from __future__ import annotations
 
 from .allreduce import AllReduceMean
+from .checkpoint import consolidate, load, save
 from .comm import Comm, LocalComm, MPIComm
 from .sharded import ShardedOptimiser
 
-__all__ = ["AllReduceMean", "Comm", "LocalComm", "MPIComm", "ShardedOptimiser"]
+__all__ = [
+    "AllReduceMean",
+    "Comm",
+    "LocalComm",
+    "MPIComm",
+    "ShardedOptimiser",
+    "consolidate",
+    "load",
+    "save",
+]
