@@ -9,6 +9,7 @@ import importlib
 import importlib.util
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -116,10 +117,10 @@ def _mpi_missing() -> str | None:
     if _mpiexec() is None:
         return "no mpiexec on the PATH"
     try:
-        done = _launch(["-c", "from mpi4py import MPI; print(MPI.COMM_WORLD.Get_size())"], 2, 60)
+        done = _launch(["-c", "from mpi4py import MPI; print(f'<{MPI.COMM_WORLD.Get_size()}>')"], 2, 60)
     except subprocess.TimeoutExpired:
         return "a 2-rank MPI job did not start within 60 s"
-    sizes = done.stdout.split()
+    sizes = re.findall(r"<(\d+)>", done.stdout)  # the ranks' lines may reach the pipe interleaved
     if done.returncode != 0 or sizes != ["2", "2"]:
         # A launcher from one MPI and a library from another start N singletons of size 1.
         return f"mpiexec -n 2 does not start one job of 2 ranks (printed {sizes}, rc {done.returncode})"
