@@ -49,6 +49,7 @@ PARITY_CHECKS = [
     "float16 summed in float32",
     "strided params and gradients",
     "mixed dtypes in one tree",
+    "collectives",
 ]
 
 

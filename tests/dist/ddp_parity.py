@@ -187,9 +187,38 @@ def mixed_dtypes():
     report("mixed dtypes in one tree")
 
 
+def collectives():
+    """The communicator's other calls, against what they must give on `size` ranks."""
+    size, rank = comm.size, comm.rank
+    values = np.array([rank + 1.0, -rank])
+    for op, expected in (
+        ("sum", [size * (size + 1) / 2, -size * (size - 1) / 2]),
+        ("max", [size, 0]),
+        ("min", [1, 1 - size]),
+    ):
+        buffer = values.copy()
+        comm.allreduce_(buffer, op)
+        assert buffer.tolist() == expected, (op, buffer)
+    counts = [r + 1 for r in range(size)]  # rank r owns r + 1 elements
+    send = np.arange(sum(counts), dtype=np.float64) * (rank + 1)
+    mine = np.empty(counts[rank])
+    comm.reduce_scatter_sum(send, mine, counts)
+    first = sum(counts[:rank])
+    assert mine.tolist() == (np.arange(first, first + counts[rank]) * size * (size + 1) / 2).tolist()
+    gathered = np.empty(sum(counts))
+    comm.allgather_(np.full(counts[rank], float(rank)), gathered, counts)
+    assert gathered.tolist() == [float(r) for r in range(size) for _ in range(r + 1)]
+    assert comm.broadcast_bytes(b"from root" if rank == size - 1 else None, root=size - 1) == b"from root"
+    assert comm.allgather_bytes(b"x" * rank) == [b"x" * r for r in range(size)]  # rank 0 sends nothing
+    comm.barrier()
+    assert repr(comm) == f"MPIComm(rank={rank}, size={size})"
+    report("collectives")
+
+
 exact_parity()
 float32_parity()
 accumulation()
 two_byte_floats()
 strided()
 mixed_dtypes()
+collectives()
