@@ -154,7 +154,7 @@ def _launch(arguments: list[str], ranks: int, timeout: float, env: dict[str, str
 @pytest.fixture
 def mpirun() -> Callable[..., Any]:
     """`mpirun(script, ranks, *args, timeout=120, env=None, check=True)` runs `tests/dist/script`
-    on `ranks` MPI processes as `python -m mpi4py` (an exception on any rank aborts the whole
+    (or `script` itself, given as a `pathlib.Path`) on `ranks` MPI processes as `python -m mpi4py` (an exception on any rank aborts the whole
     job) and returns the finished process; skips when MPI cannot start here.  A job that runs
     past `timeout` is killed, with every process it started, and fails the test."""
     missing = _mpi_missing()
@@ -162,14 +162,14 @@ def mpirun() -> Callable[..., Any]:
         pytest.skip(missing)
 
     def run(
-        script: str,
+        script: str | pathlib.Path,
         ranks: int,
         *args: str,
         timeout: float = 120,
         env: dict[str, str] | None = None,
         check: bool = True,
     ) -> Any:
-        path = DIST_SCRIPTS / script
+        path = script if isinstance(script, pathlib.Path) else DIST_SCRIPTS / script
         try:
             done = _launch(["-m", "mpi4py", str(path), *args], ranks, timeout, env)
         except subprocess.TimeoutExpired:
