@@ -9,6 +9,7 @@ import importlib
 import importlib.util
 import os
 import pathlib
+import re
 import shutil
 import signal
 import subprocess
@@ -116,12 +117,11 @@ def _mpi_missing() -> str | None:
     if _mpiexec() is None:
         return "no mpiexec on the PATH"
     try:
-        done = _launch(["-c", "from mpi4py import MPI; print(MPI.COMM_WORLD.Get_size())"], 2, 60)
+        done = _launch(["-c", "from mpi4py import MPI; print(f'<{MPI.COMM_WORLD.Get_size()}>')"], 2, 60)
     except subprocess.TimeoutExpired:
         return "a 2-rank MPI job did not start within 60 s"
-    sizes = done.stdout.split()
-    # The two ranks write at once: their lines may come interleaved ("22" then two newlines).
-    if done.returncode != 0 or "".join(sizes) != "22":
+    sizes = re.findall(r"<(\d+)>", done.stdout)  # the ranks' lines may reach the pipe interleaved
+    if done.returncode != 0 or sizes != ["2", "2"]:
         # A launcher from one MPI and a library from another start N singletons of size 1.
         return f"mpiexec -n 2 does not start one job of 2 ranks (printed {sizes}, rc {done.returncode})"
     return None
@@ -154,7 +154,7 @@ def _launch(arguments: list[str], ranks: int, timeout: float, env: dict[str, str
 @pytest.fixture
 def mpirun() -> Callable[..., Any]:
     """`mpirun(script, ranks, *args, timeout=120, env=None, check=True)` runs `tests/dist/script`
-    on `ranks` MPI processes as `python -m mpi4py` (an exception on any rank aborts the whole
+    (or `script` itself, given as a `pathlib.Path`) on `ranks` MPI processes as `python -m mpi4py` (an exception on any rank aborts the whole
     job) and returns the finished process; skips when MPI cannot start here.  A job that runs
     past `timeout` is killed, with every process it started, and fails the test."""
     missing = _mpi_missing()
@@ -162,14 +162,14 @@ def mpirun() -> Callable[..., Any]:
         pytest.skip(missing)
 
     def run(
-        script: str,
+        script: str | pathlib.Path,
         ranks: int,
         *args: str,
         timeout: float = 120,
         env: dict[str, str] | None = None,
         check: bool = True,
     ) -> Any:
-        path = DIST_SCRIPTS / script
+        path = script if isinstance(script, pathlib.Path) else DIST_SCRIPTS / script
         try:
             done = _launch(["-m", "mpi4py", str(path), *args], ranks, timeout, env)
         except subprocess.TimeoutExpired:

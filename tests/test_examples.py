@@ -3,12 +3,13 @@
 Each example trains the same MLP on the same two spirals with gradients from
 another source: backpropagation by hand (NumPy, and CuPy on a GPU), HIPS
 autograd, PyTorch (CPU tensors through NumPy views, CUDA tensors through
-DLPack) and JAX.  Examples whose library is missing skip.
+DLPack) and JAX; and data-parallel, on two MPI ranks.  Examples whose library is missing skip.
 """
 
 from __future__ import annotations
 
 import importlib
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -100,6 +101,25 @@ def test_cupy_mlp_computes_what_numpy_computes(load, cupy_backend):
     for name, value in on_cpu["params"].items():
         assert isinstance(on_gpu["params"][name], cupy.ndarray)
         np.testing.assert_allclose(cupy.asnumpy(on_gpu["params"][name]), value, rtol=1e-9, atol=1e-12)
+
+
+def test_data_parallel_mlp_takes_the_full_batch_steps(mpirun, load):
+    done = mpirun(EXAMPLES / "ddp_mlp.py", 2, "--steps", "60", timeout=120)
+    assert "ranks agree: True" in done.stdout, done.stdout
+    final = re.search(r"2 ranks, final loss (\d+\.\d+)", done.stdout)
+    assert final is not None, done.stdout
+    # One process on the whole batch: the mean of the two halves' mean gradients is its gradient.
+    mlp = load("numpy_mlp")
+    X, y = mlp.two_spirals()
+    params = mlp.init_params(np, 0)
+    opt = co.Optimiser(co.ClipGlobalNorm(5.0), co.AdamW(0.01, lambda_=1e-4))
+    losses = []
+    for _ in range(60):
+        loss, grads = mlp.loss_and_grads(np, params, X, y)
+        co.update_(opt, params, grads)
+        losses.append(float(loss))
+    assert losses[-1] < 0.8 * losses[0]
+    assert abs(float(final.group(1)) - losses[-1]) <= 1e-4
 
 
 # --------------------------------------------------------------------------

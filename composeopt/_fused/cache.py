@@ -14,10 +14,15 @@ import importlib.util
 import os
 import sys
 import tempfile
+import threading
 from pathlib import Path
 from types import ModuleType
 
 __all__ = ["load_module"]
+
+# A module is in sys.modules before its code has run: two threads' first steps (ranks of a
+# job run as threads, or two optimisers) must not see it half made.
+_loading = threading.Lock()
 
 
 def _directory() -> Path | None:
@@ -43,8 +48,13 @@ def _directory() -> Path | None:
 def load_module(source: str, prefix: str) -> ModuleType:
     """Import `source` as a module backed by a file (without one, numba's cache is turned off)."""
     name = f"{prefix}_{hashlib.sha256(source.encode()).hexdigest()[:24]}"
-    if name in sys.modules:
-        return sys.modules[name]
+    with _loading:
+        if name in sys.modules:
+            return sys.modules[name]
+        return _load(source, name)
+
+
+def _load(source: str, name: str) -> ModuleType:
     directory = _directory()
     path = None if directory is None else directory / f"{name}.py"
     if path is not None and not path.exists():
