@@ -22,7 +22,6 @@ must reach it.  That is refused where it cannot be promised (`check_rule`):
 
 from __future__ import annotations
 
-from .._collective import comms_of
 from .._fused.plan import Boundary, Branch, Whole, make_plan
 from ..chain import Optimiser
 from ..errors import HyperparameterError
@@ -56,7 +55,7 @@ def elementwise(rule: Rule) -> bool:
 def check_rule(rule: Rule) -> None:
     """Raise `HyperparameterError` if a sharded step of `rule` could leave ranks waiting for
     each other, or would compute over a shard what needs the whole tree (see the module)."""
-    if comms_of(rule):
+    if any(vars(inner).get("_comm") is not None for inner in walk_rules(rule)):
         raise HyperparameterError(
             f"ShardedOptimiser: {rule!r} communicates itself (AllReduceMean); the sharded "
             "optimiser averages the gradients over the ranks already: leave it out"
