@@ -24,12 +24,17 @@ $(VENV)/.installed-bench: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --editable '.[bench]'
 	touch $@ $(VENV)/.installed
 
+# The MPI tests' launcher and library (they skip without them): mpi4py and the mpich wheel.
+$(VENV)/.installed-mpich: | $(BIN)/python
+	$(BIN)/python -m pip install --quiet 'mpi4py>=4.1' mpich
+	touch $@
+
 install: $(VENV)/.installed
 
 demo: $(VENV)/.installed-demo
 	$(BIN)/python -m composeopt demo
 
-test: $(VENV)/.installed-test
+test: $(VENV)/.installed-test $(VENV)/.installed-mpich
 	$(BIN)/python -m pytest --cov=composeopt --cov-report=term --cov-fail-under=90 -q
 
 lint: $(VENV)/.installed-lint

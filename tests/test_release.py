@@ -85,7 +85,8 @@ def test_the_licence_is_mit_and_the_changelog_opens_with_this_version():
 
 def _copy_of_the_source_tree(target: Path) -> Path:
     """The files an sdist is built from, without what builds and test runs leave behind."""
-    ignore = shutil.ignore_patterns("__pycache__", "*.py[cod]", "*.egg-info", "build", "dist", "site")
+    # Not "dist": composeopt/dist and tests/dist are sources (the top-level dist/ is not copied).
+    ignore = shutil.ignore_patterns("__pycache__", "*.py[cod]", "*.egg-info", "build", "site")
     for folder in ("composeopt", "tests", "docs", ".ci"):
         shutil.copytree(REPO / folder, target / folder, ignore=ignore)
     for name in ("pyproject.toml", "README.md", "LICENSE", "CHANGELOG.md", "MANIFEST.in", "Makefile"):
@@ -136,6 +137,11 @@ def test_the_sdist_carries_the_tests_and_the_docs_they_read(tmp_path):
     assert wheel.name == f"{root}-py3-none-any.whl"
     with zipfile.ZipFile(wheel) as archive:
         files = set(archive.namelist())
-    assert {"composeopt/py.typed", "composeopt/demo/cli.py", "composeopt/bench/__main__.py"} <= files
+    assert {
+        "composeopt/py.typed",
+        "composeopt/demo/cli.py",
+        "composeopt/bench/__main__.py",
+        "composeopt/dist/comm.py",
+    } <= files
     assert f"{root}.dist-info/licenses/LICENSE" in files
     assert not [name for name in files if name.startswith(("tests/", "docs/"))]
