@@ -18,7 +18,7 @@ their steps one after another.
 from __future__ import annotations
 
 import threading
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -37,6 +37,12 @@ T = TypeVar("T")
 
 _STORE_ATTRIBUTE = "_composeopt_state"
 _creating = threading.Lock()  # two threads' first steps on one optimiser make one store
+
+
+class SelfStepping(Protocol):
+    """An optimiser that takes its steps its own way (`composeopt.dist.ShardedOptimiser`)."""
+
+    def _composeopt_update_(self, params: Any, grads: Any) -> None: ...
 
 
 def state_store(opt: Rule) -> StateStore:
@@ -76,7 +82,7 @@ def reset_(opt: Rule) -> Rule:
     return opt
 
 
-def update_(opt: Rule, params: T, grads: Any) -> T:
+def update_(opt: Rule | SelfStepping, params: T, grads: Any) -> T:
     """Take one optimiser step in place: `x -= update` for every array of `params`.
 
     The optimiser `opt` keeps each parameter's state, keyed by the parameter's

@@ -213,3 +213,17 @@ def test_the_bench_user_rule_s_kernel_gives_its_apply_s_result(mode, monkeypatch
         np.testing.assert_allclose(x, start - 3 * 0.1 * np.sign(g), rtol=1e-5, atol=1e-5)
     for fast, generic in zip(*results):
         np.testing.assert_array_equal(fast, generic)
+
+
+def test_the_distributed_rows_are_made_and_shown():
+    from composeopt.bench.distributed import distributed_report, distributed_table
+
+    report = distributed_report(1 / 256, 2)
+    one = report["one_rank"]
+    assert one["composeopt_ms"] > 0 and one["reference_ms"] > 0
+    if "skipped" not in report:
+        assert set(report["ranks"]) == {"1", "2", "4"}
+        halves = [report["ranks"][n]["state_MiB"] for n in ("1", "2", "4")]
+        assert halves[1] == pytest.approx(halves[0] / 2, rel=0.05)
+        assert halves[2] == pytest.approx(halves[0] / 4, rel=0.05)
+    assert "AllReduceMean" in distributed_table(report)

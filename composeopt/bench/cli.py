@@ -12,7 +12,7 @@ from typing import Any
 from . import adapter, gpu
 from .peers import implementations
 from .report import head_to_head_line, recipes_table, table
-from .sets import BYTES_PER_ELEMENT, RECIPES, SETS
+from .sets import BYTES_PER_ELEMENT, DISTRIBUTED, RECIPES, SETS
 from .timing import floor_step, head_to_head, run
 
 __all__ = ["build_parser", "main"]
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m composeopt.bench",
         description="ms per optimiser step, against the memory-traffic floor and peers.",
     )
-    every = ",".join((*SETS, RECIPES))
+    every = ",".join((*SETS, RECIPES, DISTRIBUTED))
     parser.add_argument(
         "--sets", default=every, help=f"comma-separated, from {every} (recipes: see composeopt.bench.recipes)"
     )
@@ -61,10 +61,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         torch.set_num_threads(threads)
     sets = [name for name in args.sets.split(",") if name]
-    unknown = set(sets) - {*SETS, RECIPES}
+    unknown = set(sets) - {*SETS, RECIPES, DISTRIBUTED}
     if unknown:
         parser.error(f"unknown sets {sorted(unknown)}")
-    adam_sets = [name for name in sets if name != RECIPES]
+    adam_sets = [name for name in sets if name not in (RECIPES, DISTRIBUTED)]
     only = {word for word in args.only.split(",") if word} or None
     report: dict[str, Any] = {
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "threads": threads},
@@ -88,6 +88,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
         report["recipes"] = recipes_report(scale, reps)
         print(recipes_table(report["recipes"]))
+    if args.device in ("auto", "cpu") and DISTRIBUTED in sets:
+        from .distributed import distributed_report, distributed_table
+
+        report["distributed"] = distributed_report(scale, reps)
+        print(distributed_table(report["distributed"]))
     if args.device == "gpu" and not gpu.gpu_available():
         parser.error("--device gpu: CuPy sees no GPU")
     if args.device in ("auto", "gpu") and adam_sets and gpu.gpu_available():

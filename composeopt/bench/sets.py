@@ -8,6 +8,7 @@ __all__ = [
     "BYTES_PER_ELEMENT",
     "SETS",
     "RECIPES",
+    "DISTRIBUTED",
     "LR",
     "B1",
     "B2",
@@ -23,6 +24,8 @@ BYTES_PER_ELEMENT = 28  # float32 x, g, m, v read; x, m, v written
 SETS = ("big", "resnet50", "many", "many-flat", "chain")
 RECIPES = "recipes"
 """The set name of `composeopt.bench.recipes`: its own arrays and rows, not an Adam set of `shapes`."""
+DISTRIBUTED = "distributed"
+"""The set name of `composeopt.bench.distributed`: the data-parallel rows."""
 LR, B1, B2, EPS, CLIP, DECAY = 1e-3, 0.9, 0.999, 1e-8, 1.0, 1e-4
 
 
