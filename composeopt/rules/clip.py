@@ -198,7 +198,7 @@ class ClipGlobalNorm(Rule):
                 total = xp.maximum(total, power)
             else:
                 total = total + power
-        if current() is not None:  # a sharded step: add up the other ranks' parts of the tree
+        if current() is not None and total is not None:  # a sharded step: add the other ranks' parts
             combined = combine_powers([float(total)], self.p)[0]
             total = xp.asarray(combined, dtype=total.dtype, device=device(total))
         norm = norm_from_power(xp, total, self.p)

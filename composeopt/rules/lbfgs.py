@@ -58,10 +58,10 @@ class LBFGS(Rule):
     has no pairs: $\Delta = \eta\, g / \max(1, \lVert g\rVert_1)$.  The dot
     products are sums over every parameter of the step and stay 0-d arrays on
     the device (inside a [ShardedOptimiser][composeopt.dist.ShardedOptimiser]
-    each is read on the host and summed over the ranks).  For float16 and bfloat16 parameters they, the first step's
-    scale and the two-loop recursion are computed in float32 (its scalars
-    pass float16's 65504 when the steps are small); the pairs keep the
-    parameter's dtype.
+    each is read on the host and summed over the ranks).  For float16 and
+    bfloat16 parameters they, the first step's scale and the two-loop
+    recursion are computed in float32 (its scalars pass float16's 65504 when
+    the steps are small); the pairs keep the parameter's dtype.
 
     L-BFGS wants a step size that a line search chose; with `update_` and a
     fixed `eta` it works on smooth, mildly curved problems.
