@@ -43,7 +43,9 @@ def dyadic(rng: np.random.Generator, shape: tuple[int, ...], dtype: object = np.
     return np.asarray(rng.integers(-4096, 4096, size=shape) / 1024, dtype=dtype)
 
 
-def all_grads(step: int, shapes: dict[str, tuple[int, ...]], make: object = dyadic) -> list[dict[str, np.ndarray]]:
+def all_grads(
+    step: int, shapes: dict[str, tuple[int, ...]], make: object = dyadic
+) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(1000 + step)
     return [{k: make(rng, shape) for k, shape in shapes.items()} for _ in range(size)]  # type: ignore[operator]
 
@@ -128,7 +130,10 @@ def equal(a: dict, b: dict) -> bool:
 
 
 def clip_active(omega: float, steps: int, shapes: dict) -> bool:
-    norms = [np.sqrt(sum(float(np.sum(g**2)) for g in mean_of(all_grads(s, shapes)).values())) for s in range(steps)]
+    norms = [
+        np.sqrt(sum(float(np.sum(g**2)) for g in mean_of(all_grads(s, shapes)).values()))
+        for s in range(steps)
+    ]
     return min(norms) > omega
 
 
@@ -137,12 +142,16 @@ shapes = shapes_flat()
 for omega, active in ((0.5, True), (1e6, False)):
     chain = co.Optimiser(co.ClipGlobalNorm(omega), co.AdamW(1e-2, lambda_=1e-2))
     zopt, reference, params, ref_params = run(chain, shapes, 21, strided=True)
-    check(f"flat mode ({zopt.mode}), clip {'active' if active else 'inactive'}: params", equal(params, ref_params))
+    check(
+        f"flat mode ({zopt.mode}), clip {'active' if active else 'inactive'}: params",
+        equal(params, ref_params),
+    )
     check(f"flat clip {omega}: the clip is as meant", clip_active(omega, 21, shapes) == active)
     check(f"flat clip {omega}: state", same_state(zopt, reference, ref_params, exact=True))
-    check(f"flat clip {omega}: every rank the same params", all(
-        len(set(comm.allgather_bytes(params[k].tobytes()))) == 1 for k in params
-    ))
+    check(
+        f"flat clip {omega}: every rank the same params",
+        all(len(set(comm.allgather_bytes(params[k].tobytes()))) == 1 for k in params),
+    )
 
 chain = co.Optimiser(co.ClipGlobalNorm(0.5), co.AdamW(1e-2))
 zopt, reference, params, ref_params = run(chain, shapes, 5, local_only=True)
@@ -163,8 +172,10 @@ for name, rule, exact in (
     ("LBFGS", co.LBFGS(0.05, memory=3), False),
 ):
     zopt, reference, params, ref_params = run(rule, matrices, 8)
-    close = equal(params, ref_params) if exact else all(
-        np.allclose(params[k], ref_params[k], rtol=1e-12, atol=1e-13) for k in params
+    close = (
+        equal(params, ref_params)
+        if exact
+        else all(np.allclose(params[k], ref_params[k], rtol=1e-12, atol=1e-13) for k in params)
     )
     check(f"whole mode ({zopt.mode}) {name}: params", close)
     check(f"whole {name}: state", same_state(zopt, reference, ref_params, exact=exact))
@@ -173,15 +184,23 @@ for name, rule, exact in (
 few = {"a": (3, 2), "z": (4,)}
 for name, rule, exact in (
     ("ClipGlobalNorm+Lamb", co.Optimiser(co.ClipGlobalNorm(0.5), co.Lamb(1e-2)), True),
-    ("SkipNonFinite+ClipNorm", co.SkipNonFinite(co.Optimiser(co.ClipNorm(1.0, throw=False), co.Adam(1e-2))), True),
+    (
+        "SkipNonFinite+ClipNorm",
+        co.SkipNonFinite(co.Optimiser(co.ClipNorm(1.0, throw=False), co.Adam(1e-2))),
+        True,
+    ),
     ("LBFGS", co.LBFGS(0.05, memory=2), False),
     ("Groups", co.Groups(("a", co.Lamb(1e-2)), default=co.Adam(1e-2)), True),
 ):
     zopt, reference, params, ref_params = run(rule, few, 5)
-    close = equal(params, ref_params) if exact else all(
-        np.allclose(params[k], ref_params[k], rtol=1e-12, atol=1e-13) for k in params
+    close = (
+        equal(params, ref_params)
+        if exact
+        else all(np.allclose(params[k], ref_params[k], rtol=1e-12, atol=1e-13) for k in params)
     )
-    check(f"{len(few)} leaves on {size} ranks, {name}", close and same_state(zopt, reference, ref_params, exact))
+    check(
+        f"{len(few)} leaves on {size} ranks, {name}", close and same_state(zopt, reference, ref_params, exact)
+    )
     check(f"{len(few)} leaves, {name}: empty shards", (len(zopt.local_tree()) == 0) == (rank >= len(few)))
 
 
@@ -193,28 +212,37 @@ def normal32(rng: np.random.Generator, shape: tuple[int, ...]) -> np.ndarray:
 chain = co.Optimiser(co.ClipGlobalNorm(1.0), co.AdamW(1e-3))
 zopt, reference, params, ref_params = run(chain, {"w": (33, 17), "b": (17,)}, 20, make=normal32)
 ulps = max(
-    int(np.max(np.abs(params[k].view(np.int32).astype(np.int64) - ref_params[k].view(np.int32)))) for k in params
+    int(np.max(np.abs(params[k].view(np.int32).astype(np.int64) - ref_params[k].view(np.int32))))
+    for k in params
 )
 check(f"float32 within a few ulps (at most {ulps})", ulps <= 4 and params["w"].dtype == np.float32)
 
 # --- SkipNonFinite: a NaN on one rank skips the step on every rank ----------------------------
-chain = co.SkipNonFinite(co.Optimiser(co.ClipGlobalNorm(0.5), co.AdamW(1e-2)))
-zopt = dist.ShardedOptimiser(chain, comm)
-reference = copy.deepcopy(chain)
-params = {k: dyadic(np.random.default_rng(3), s) for k, s in shapes.items()}
-ref_params = {k: v.copy() for k, v in params.items()}
-for step in range(4):
-    grads = all_grads(step, shapes)
-    if step == 2:
-        grads[size - 1]["b"][1] = np.nan  # only the last rank's gradient, of a leaf rank 0 owns
-    before = {k: v.copy() for k, v in params.items()}
-    co.update_(zopt, params, grads[rank])
-    co.update_(reference, ref_params, mean_of(grads))
-    if step == 2:
-        check("NaN on one rank: every rank skipped", equal(params, before))
-check("SkipNonFinite: as one process", equal(params, ref_params) and same_state(zopt, reference, ref_params, True))
-skipped = [s.skipped for s in (co.state_store(zopt.rule).get(x) for x in zopt.local_tree().values())]
-check("SkipNonFinite: the skip is counted", all(n == 1 for n in skipped))
+# AccumGrad(1) has no fast path: the second chain takes the generic path of every rule.
+for path, inner in (
+    ("fused", co.Optimiser(co.ClipGlobalNorm(0.5), co.AdamW(1e-2))),
+    ("generic", co.Optimiser(co.ClipGlobalNorm(0.5), co.AccumGrad(1), co.AdamW(1e-2))),
+):
+    chain = co.SkipNonFinite(inner)
+    zopt = dist.ShardedOptimiser(chain, comm)
+    reference = copy.deepcopy(chain)
+    params = {k: dyadic(np.random.default_rng(3), s) for k, s in shapes.items()}
+    ref_params = {k: v.copy() for k, v in params.items()}
+    for step in range(4):
+        grads = all_grads(step, shapes)
+        if step == 2:
+            grads[size - 1]["b"][1] = np.nan  # only the last rank's gradient, of a leaf rank 0 owns
+        before = {k: v.copy() for k, v in params.items()}
+        co.update_(zopt, params, grads[rank])
+        co.update_(reference, ref_params, mean_of(grads))
+        if step == 2:
+            check(f"{path} ({zopt.mode}): NaN on one rank: every rank skipped", equal(params, before))
+    check(
+        f"{path} SkipNonFinite and ClipGlobalNorm: as one process",
+        equal(params, ref_params) and same_state(zopt, reference, ref_params, True),
+    )
+    skipped = [s.skipped for s in (co.state_store(zopt.rule).get(x) for x in zopt.local_tree().values())]
+    check(f"{path} SkipNonFinite: the skip is counted", all(n == 1 for n in skipped))
 
 # --- faults: every rank raises, nothing changes -----------------------------------------------
 zopt = dist.ShardedOptimiser(co.Optimiser(co.ClipNorm(1.0), co.Adam(1e-2)), comm)
@@ -227,7 +255,8 @@ kept_states = [copy.deepcopy(co.state_store(zopt.rule).get(x)) for x in zopt.loc
 def unchanged() -> bool:
     states = [co.state_store(zopt.rule).get(x) for x in zopt.local_tree().values()]
     same = all(
-        all(np.array_equal(a, b) for a, b in zip(leaves_of(s), leaves_of(t))) for s, t in zip(states, kept_states)
+        all(np.array_equal(a, b) for a, b in zip(leaves_of(s), leaves_of(t)))
+        for s, t in zip(states, kept_states)
     )
     return same and equal(params, kept_params) and co.state_store(zopt.rule).step == 1
 
@@ -247,16 +276,19 @@ check("shape mismatch: nothing changed", unchanged())
 
 grads = all_grads(1, matrices)[rank]
 grads["c"] = grads["c"] * np.inf  # the rank that owns c finds an infinite norm
-owner = zopt.layout.pieces[[p.leaf for p in zopt.layout.pieces].index(zopt.layout.paths.index("params['c']"))].rank
+owner = zopt.layout.pieces[
+    [p.leaf for p in zopt.layout.pieces].index(zopt.layout.paths.index("params['c']"))
+].rank
 try:
     co.update_(zopt, params, grads)
     caught = None
 except (NonFiniteError, DistributedError) as err:
     caught = err
 print(f"rank {rank}: inner fault: {type(caught).__name__}: {caught}", flush=True)
-check("ClipNorm raising on one rank's shard: every rank raised", type(caught) is (
-    NonFiniteError if rank == owner else DistributedError
-))
+check(
+    "ClipNorm raising on one rank's shard: every rank raised",
+    type(caught) is (NonFiniteError if rank == owner else DistributedError),
+)
 check("inner fault: no rank's params or states changed", unchanged())
 co.update_(zopt, params, all_grads(2, matrices)[rank])
 check("a step after the faults goes on", co.state_store(zopt.rule).step == 2)
@@ -264,10 +296,23 @@ check("a step after the faults goes on", co.state_store(zopt.rule).step == 2)
 # --- the state of a rank is 1/N of the whole ---------------------------------------------------
 big = {"w": (64, 33), "b": (33,), "v": (100,)}
 zopt, reference, params, ref_params = run(co.AdamW(1e-3), big, 1)
-mine = sum(a.nbytes for x in zopt.local_tree().values() for a in leaves_of(co.state_store(zopt.rule).get(x)) if isinstance(a, np.ndarray))
-whole = sum(a.nbytes for x in ref_params.values() for a in leaves_of(co.state_store(reference).get(x)) if isinstance(a, np.ndarray))
+mine = sum(
+    a.nbytes
+    for x in zopt.local_tree().values()
+    for a in leaves_of(co.state_store(zopt.rule).get(x))
+    if isinstance(a, np.ndarray)
+)
+whole = sum(
+    a.nbytes
+    for x in ref_params.values()
+    for a in leaves_of(co.state_store(reference).get(x))
+    if isinstance(a, np.ndarray)
+)
 print(f"rank {rank}: state {mine} of {whole} bytes", flush=True)
 check("state per rank about 1/N", abs(mine - whole / size) <= 2 * 8 + 64)
-check("checkpoint helper: state_dict of the local tree", len(co.state_dict(zopt.rule, zopt.local_tree())["states"]) == len(zopt.local_tree()))
+check(
+    "checkpoint helper: state_dict of the local tree",
+    len(co.state_dict(zopt.rule, zopt.local_tree())["states"]) == len(zopt.local_tree()),
+)
 
 print(f"rank {rank}: {len(passed)} checks passed", flush=True)
