@@ -88,7 +88,8 @@ class ShardedOptimiser:
     Examples:
         >>> import numpy as np, composeopt as co
         >>> from composeopt import dist
-        >>> zopt = dist.ShardedOptimiser(co.Optimiser(co.ClipGlobalNorm(1.0), co.Descent(0.5)), dist.LocalComm())
+        >>> chain = co.Optimiser(co.ClipGlobalNorm(1.0), co.Descent(0.5))
+        >>> zopt = dist.ShardedOptimiser(chain, dist.LocalComm())
         >>> params = {"a": np.zeros(2), "b": np.zeros(2)}
         >>> _ = co.update_(zopt, params, {"a": np.array([3.0, 0.0]), "b": np.array([0.0, 4.0])})
         >>> print(params["a"], params["b"], zopt.mode)
