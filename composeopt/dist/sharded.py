@@ -35,7 +35,7 @@ class ShardedOptimiser:
        differ, every rank raises (the failing one its own error) and nothing
        changes;
     2. on the first step over a tree, cut it into shards (a
-       [ShardLayout][composeopt.dist.layout.ShardLayout]);
+       `composeopt.dist.layout.ShardLayout`);
     3. reduce-scatter the gradients: this rank gets its shard of
        $\frac{1}{N}\sum_r dx^{(r)}$;
     4. update its shard of the parameters with `rule` (`co.update_` over the
