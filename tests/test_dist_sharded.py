@@ -26,7 +26,10 @@ def test_sharded_matches_one_process_on_mpi_ranks(mpirun: Any, ranks: int) -> No
     done = mpirun("sharded.py", ranks, timeout=240)
     passed = re.findall(r"rank (\d+): (\d+) checks passed", done.stdout)
     assert sorted(int(rank) for rank, _ in passed) == list(range(ranks)), done.stdout
-    assert {int(count) for _, count in passed} == {done.stdout.count("\nok ") + done.stdout.startswith("ok ")}
+    # Every rank ran every check (a failed one aborts the job); the ranks' "ok" lines may
+    # reach the pipe interleaved, so the counts the ranks report are what is compared.
+    counts = {int(count) for _, count in passed}
+    assert len(counts) == 1 and min(counts) >= 40, done.stdout
     assert "SkipNonFinite: the skip is counted" in done.stdout
     # Each rank caught the error it should have: its own where it failed, the others' else.
     assert "rank 1: shape fault: ShapeMismatchError" in done.stdout
