@@ -289,7 +289,7 @@ def test_allgather_of_equal_and_unequal_counts(
 
 
 def test_buffers_nccl_cannot_take_are_refused_before_any_call(monkeypatch: pytest.MonkeyPatch) -> None:
-    import ml_dtypes
+    ml_dtypes = pytest.importorskip("ml_dtypes")
 
     def check(comm: Any) -> None:
         assert comm.accepts(_on_device([1.0])) and not comm.accepts(np.ones(1))
