@@ -27,7 +27,7 @@ import tempfile
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
 import array_api_compat
 import numpy as np
@@ -668,12 +668,21 @@ def write_checkpoint(file: str | os.PathLike[str], checkpoint: dict[str, Any]) -
         raise CheckpointError(
             f"the checkpoint's manifest has {len(meta)} characters, more than {MAX_MANIFEST_CHARS}"
         )
+    write_atomically(
+        file,
+        lambda stream: np.savez(stream, **{META: np.array(meta)}, **arrays),  # type: ignore[arg-type]
+    )
+
+
+def write_atomically(file: str | os.PathLike[str], write: Callable[[IO[bytes]], Any]) -> None:
+    """Have `write` fill a temporary file beside `file`, flushed to disk, then rename it to `file`:
+    a crash at any point leaves either the old file or the whole new one, never part of one."""
     target = os.fspath(file)
     folder = os.path.dirname(os.path.abspath(target))
-    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".composeopt-", suffix=".npz")
+    handle, temporary = tempfile.mkstemp(dir=folder, prefix=".composeopt-", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as stream:
-            np.savez(stream, **{META: np.array(meta)}, **arrays)  # type: ignore[arg-type]
+            write(stream)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(temporary, target)

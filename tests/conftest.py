@@ -5,6 +5,7 @@ CuPy when a GPU is present; missing backends skip cleanly."""
 from __future__ import annotations
 
 import functools
+import gc
 import importlib
 import importlib.util
 import os
@@ -22,6 +23,13 @@ from typing import Any
 import array_api_compat
 import numpy as np
 import pytest
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # Thousands of collected items live until the end of the run: frozen, they are left out of
+    # the garbage collector's full passes, which would otherwise walk them all again and again.
+    gc.collect()
+    gc.freeze()
 
 
 @dataclass(frozen=True)

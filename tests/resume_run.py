@@ -1,9 +1,9 @@
 """Train every registry case for a range of steps; run as a script in a fresh process.
 
-``python resume_run.py first DIR`` trains 100 steps and saves the parameters
+``python resume_run.py first DIR`` trains 40 steps and saves the parameters
 and a composeopt checkpoint per case; ``python resume_run.py second DIR``
-loads them into a newly built optimiser and trains 100 more steps.
-tests/test_checkpoint.py compares the result with 200 steps in one process.
+loads them into a newly built optimiser and trains 40 more steps.
+tests/test_checkpoint.py compares the result with 80 steps in one process.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 import composeopt as co
 from composeopt.registry import CASES
 
-FIRST, TOTAL = 100, 200
+FIRST, TOTAL = 40, 80
 
 
 def make_params() -> dict[str, np.ndarray]:

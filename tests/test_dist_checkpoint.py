@@ -21,24 +21,23 @@ from composeopt.errors import CheckpointError
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent / "dist"))
 import ckpt_cases as cases  # noqa: E402
-import sharded_standin  # noqa: E402
 
 K, M = cases.STEPS_BEFORE, cases.STEPS_AFTER
 
 
 def trained(mode: str, steps: int, comm: Any = None) -> tuple[Any, dict[str, Any]]:
-    zopt = sharded_standin.make(cases.rule(mode), comm or dist.LocalComm(), mode)
+    zopt = dist.ShardedOptimiser(cases.rule(mode), comm or dist.LocalComm(), mode=mode)
     tree = cases.params()
     for step in range(steps):
-        sharded_standin.step_(zopt, tree, cases.grads(step))
+        co.update_(zopt, tree, cases.grads(step))
     return zopt, tree
 
 
 def resume(source: Any, mode: str, tree: dict[str, Any]) -> dict[str, Any]:
-    zopt = sharded_standin.make(cases.rule(mode), dist.LocalComm(), mode)
+    zopt = dist.ShardedOptimiser(cases.rule(mode), dist.LocalComm(), mode=mode)
     dist.load(source, zopt, tree)
     for step in range(K, K + M):
-        sharded_standin.step_(zopt, tree, cases.grads(step))
+        co.update_(zopt, tree, cases.grads(step))
     return tree
 
 
@@ -80,7 +79,7 @@ def test_saving_again_replaces_the_files(tmp_path: pathlib.Path) -> None:
     zopt, tree = trained("flat", K)
     dist.save(tmp_path, zopt, tree)
     first = {p.name for p in tmp_path.glob("rank-*.npz")}
-    sharded_standin.step_(zopt, tree, cases.grads(K))
+    co.update_(zopt, tree, cases.grads(K))
     dist.save(tmp_path, zopt, tree)
     second = {p.name for p in tmp_path.glob("rank-*.npz")}
     assert len(second) == 1 and first != second
@@ -197,7 +196,7 @@ def test_params_of_another_layout_are_refused(tmp_path: pathlib.Path) -> None:
     dist.save(tmp_path, zopt, tree)
     other = cases.params()
     other["out"].append(np.zeros(2))
-    fresh = sharded_standin.make(cases.rule("flat"), dist.LocalComm(), "flat")
+    fresh = dist.ShardedOptimiser(cases.rule("flat"), dist.LocalComm(), mode="flat")
     with pytest.raises(
         CheckpointError, match=r"not for these params: parameters missing .*params\['out'\]\[1\]"
     ):
@@ -216,8 +215,8 @@ def test_params_of_another_layout_are_refused(tmp_path: pathlib.Path) -> None:
 def test_a_checkpoint_of_another_chain_is_refused(tmp_path: pathlib.Path) -> None:
     zopt, tree = trained("flat", K)
     dist.save(tmp_path, zopt, tree)
-    other = sharded_standin.make(
-        co.Optimiser(co.ClipGlobalNorm(1.0), co.Momentum()), dist.LocalComm(), "flat"
+    other = dist.ShardedOptimiser(
+        co.Optimiser(co.ClipGlobalNorm(1.0), co.Momentum()), dist.LocalComm(), mode="flat"
     )
     with pytest.raises(CheckpointError, match=r"the rules or the chain differ"):
         dist.load(tmp_path, other, tree)

@@ -37,7 +37,6 @@ import hashlib
 import json
 import os
 import secrets
-import tempfile
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,6 +50,7 @@ from ..checkpoint import (
     _inline_array,
     _Load,
     state_dict,
+    write_atomically,
     write_checkpoint,
 )
 from ..errors import CheckpointError
@@ -168,18 +168,8 @@ def _digest(file: str) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def _write_atomically(file: str, text: str) -> None:
-    handle, temporary = tempfile.mkstemp(dir=os.path.dirname(file), prefix=".composeopt-", suffix=".json")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, file)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+def _write_text(file: str, text: str) -> None:
+    write_atomically(file, lambda stream: stream.write(text.encode("utf-8")))
 
 
 def _layout_json(layout: ShardLayout) -> dict[str, Any]:
@@ -262,7 +252,7 @@ def save(folder: str | os.PathLike[str], zopt: Any, params: Any) -> None:
                     for rank, item in enumerate(reports)
                 ],
             }
-            _write_atomically(os.path.join(target, MANIFEST), json.dumps(manifest, indent=1))
+            _write_text(os.path.join(target, MANIFEST), json.dumps(manifest, indent=1))
             named = {item["name"] for item in reports}
             for entry in os.listdir(target):
                 if _RANK_FILE.fullmatch(entry) and entry not in named:

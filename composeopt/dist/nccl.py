@@ -31,7 +31,7 @@ imports without it.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -232,44 +232,59 @@ class NCCLComm(Comm):
             self._allreduce(buffer, op, self._stream(), "allreduce_")
 
     def reduce_scatter_sum(self, send: Any, recv: Any, counts: Sequence[int]) -> None:
-        source, kind, send_size, itemsize = self._described(send, "reduce_scatter_sum")
-        target, recv_kind, recv_size, _ = self._described(recv, "reduce_scatter_sum")
-        if recv_kind != kind:
-            raise UnsupportedArrayError("NCCLComm.reduce_scatter_sum: send and recv differ in dtype")
-        counts = self._counts(counts, send_size, recv_size, "send")
-        stream = self._stream().ptr
         sum_op = self._nccl.NCCL_SUM
-        if all(count == counts[0] for count in counts):
-            if counts[0]:
-                self._comm.reduceScatter(source, target, counts[0], kind, sum_op, stream)
-            return
-        with self._group():
-            for root, (offset, count) in enumerate(zip(_offsets(counts), counts)):
-                if count:
-                    part = source + offset * itemsize
-                    # Only the root's receive buffer is written; the others pass their part.
-                    into = target if root == self.rank else part
-                    self._comm.reduce(part, into, count, kind, sum_op, root, stream)
+
+        def even(source: int, target: int, count: int, kind: int, stream: int) -> None:
+            self._comm.reduceScatter(source, target, count, kind, sum_op, stream)
+
+        def part(
+            root: int, source: int, target: int, offset: int, count: int, kind: int, stream: int
+        ) -> None:
+            # Only the root's receive buffer is written; the others pass their part.
+            into = target if root == self.rank else source + offset
+            self._comm.reduce(source + offset, into, count, kind, sum_op, root, stream)
+
+        self._collective(send, recv, counts, "reduce_scatter_sum", "send", even, part)
 
     def allgather_(self, send: Any, recv: Any, counts: Sequence[int]) -> None:
-        source, kind, send_size, itemsize = self._described(send, "allgather_")
-        target, recv_kind, recv_size, _ = self._described(recv, "allgather_")
+        def even(source: int, target: int, count: int, kind: int, stream: int) -> None:
+            self._comm.allGather(source, target, count, kind, stream)
+
+        def part(
+            root: int, source: int, target: int, offset: int, count: int, kind: int, stream: int
+        ) -> None:
+            # Only the root's send buffer is read; the others pass where it goes.
+            into = target + offset
+            self._comm.broadcast(source if root == self.rank else into, into, count, kind, root, stream)
+
+        self._collective(send, recv, counts, "allgather_", "recv", even, part)
+
+    def _collective(
+        self,
+        send: Any,
+        recv: Any,
+        counts: Sequence[int],
+        what: str,
+        long_side: str,
+        even: Callable[[int, int, int, int, int], None],
+        part: Callable[[int, int, int, int, int, int, int], None],
+    ) -> None:
+        """A collective over per-rank `counts`: NCCL's own call when every count is the same,
+        else one rooted call per rank in a group; `offset` is in bytes."""
+        source, kind, send_size, itemsize = self._described(send, what)
+        target, recv_kind, recv_size, _ = self._described(recv, what)
         if recv_kind != kind:
-            raise UnsupportedArrayError("NCCLComm.allgather_: send and recv differ in dtype")
-        counts = self._counts(counts, send_size, recv_size, "recv")
+            raise UnsupportedArrayError(f"NCCLComm.{what}: send and recv differ in dtype")
+        counts = self._counts(counts, send_size, recv_size, long_side)
         stream = self._stream().ptr
         if all(count == counts[0] for count in counts):
             if counts[0]:
-                self._comm.allGather(source, target, counts[0], kind, stream)
+                even(source, target, counts[0], kind, stream)
             return
         with self._group():
             for root, (offset, count) in enumerate(zip(_offsets(counts), counts)):
                 if count:
-                    into = target + offset * itemsize
-                    # Only the root's send buffer is read; the others pass where it goes.
-                    self._comm.broadcast(
-                        source if root == self.rank else into, into, count, kind, root, stream
-                    )
+                    part(root, source, target, offset * itemsize, count, kind, stream)
 
     def allgather_bytes(self, data: bytes) -> list[bytes]:
         return self._host.allgather_bytes(data)

@@ -14,9 +14,9 @@ import sys
 
 import ckpt_cases as cases
 import numpy as np
-import sharded_standin
 from ranks import world
 
+import composeopt as co
 from composeopt import dist
 from composeopt.errors import CheckpointError
 
@@ -27,10 +27,10 @@ folder = sys.argv[1]
 def resumed(source, mode):
     with np.load(f"{folder}/{mode}-params.npz", allow_pickle=False) as saved:
         tree = cases.unflat(saved)
-    zopt = sharded_standin.make(cases.rule(mode), comm, mode)
+    zopt = dist.ShardedOptimiser(cases.rule(mode), comm, mode=mode)
     dist.load(source, zopt, tree)
     for step in range(cases.STEPS_BEFORE, cases.STEPS_BEFORE + cases.STEPS_AFTER):
-        sharded_standin.step_(zopt, tree, cases.grads(step))
+        co.update_(zopt, tree, cases.grads(step))
     return zopt, tree
 
 

@@ -6,18 +6,18 @@ import sys
 
 import ckpt_cases as cases
 import numpy as np
-import sharded_standin
 from ranks import world
 
+import composeopt as co
 from composeopt import dist
 
 comm = world()
 folder = sys.argv[1]
 for mode in cases.MODES:
-    zopt = sharded_standin.make(cases.rule(mode), comm, mode)
+    zopt = dist.ShardedOptimiser(cases.rule(mode), comm, mode=mode)
     tree = cases.params()
     for step in range(cases.STEPS_BEFORE):
-        sharded_standin.step_(zopt, tree, cases.grads(step))
+        co.update_(zopt, tree, cases.grads(step))
     dist.save(f"{folder}/{mode}", zopt, tree)
     if comm.rank == 0:
         np.savez(f"{folder}/{mode}-params.npz", **cases.flat(tree))
