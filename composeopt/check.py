@@ -32,7 +32,7 @@ from .errors import AliasingError, ShapeMismatchError, UnsupportedArrayError
 from .store import StateStore
 from .tree import Path, zip_leaves
 
-__all__ = ["Leaf", "collect", "as_array", "MISSING", "Seen", "watch", "seen", "unchanged"]
+__all__ = ["Leaf", "collect", "as_array", "MISSING", "Seen", "watch", "seen", "unchanged", "unchanged_leaves"]
 
 MISSING: Any = object()
 """The state of a leaf that has none yet."""
@@ -177,6 +177,20 @@ def unchanged(store: StateStore, params: Any, grads: Any) -> Seen | None:
     if leaves is None or not memo.proves(*leaves):
         return None
     return memo
+
+
+def unchanged_leaves(store: StateStore, params: Any, grads: Any) -> tuple[Seen, list[Any], list[Any]] | None:
+    """`unchanged`, with the parameters and gradients in the order of `collect`'s leaves."""
+    memo = seen(store)
+    if memo is None:
+        return None
+    leaves = _leaves(memo.skeleton, params, grads)
+    if leaves is None:
+        return None
+    xs, gs = (list(side) for side in leaves)  # read twice: once to prove, once to use
+    if not memo.proves(xs, gs):
+        return None
+    return memo, xs, gs
 
 
 def _remember(store: StateStore, params: Any, grads: Any, leaves: list[Leaf]) -> None:

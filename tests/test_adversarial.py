@@ -27,16 +27,17 @@ from hypothesis import strategies as st
 
 import composeopt as co
 from composeopt import _fused
-from composeopt._fused import batch
+from composeopt._fused import batch, replay
 from composeopt.errors import ComposeoptError, StateResetWarning
 from composeopt.registry import CASES
 
-PATHS = ("generic", "fused", "fused-numpy", "batched")
-MODES = {  # _fused.MODE, batching
-    "generic": ("off", False),
-    "fused": ("auto", False),
-    "fused-numpy": ("numpy", False),  # the blocked NumPy backend, used without numba
-    "batched": ("auto", True),
+PATHS = ("generic", "fused", "fused-numpy", "replayed", "batched")
+MODES = {  # _fused.MODE, batching, replaying
+    "generic": ("off", False, False),
+    "fused": ("auto", False, False),
+    "fused-numpy": ("numpy", False, False),  # the blocked NumPy backend, used without numba
+    "replayed": ("auto", False, True),  # staged plans: the jobs of the last step again
+    "batched": ("auto", True, True),
 }
 LATE = (("layers", 8, "W"), ("layers", 8, "b"), ("layers", 7, "W"), ("s",))
 WARM_STEPS = 3
@@ -277,15 +278,17 @@ def _overlapping_gradient(params, x):
 def _spoilt_step(make, path, perturbation, where, tree=model):
     """Warm up, spoil one leaf, take the step: (error or None, opt, arrays, their snapshot
     before); `LIVE` notes whether the spoilt step met a batch."""
-    mode, batching = MODES[path]
-    saved = (_fused.MODE, batch.BATCH_MIN)
+    mode, batching, replaying = MODES[path]
+    saved = (_fused.MODE, batch.BATCH_MIN, replay.ENABLED)
     _fused.MODE = mode
     batch.BATCH_MIN = batch.BATCH_MIN if batching else 10**9
+    replay.ENABLED = replaying
     try:
         opt, params = make(), tree()
         for step in range(WARM_STEPS):
             co.update_(opt, params, gradients(params, step))
-        LIVE[path] = co.state_store(opt) in batch._batches
+        store = co.state_store(opt)
+        LIVE[path] = store in batch._batches or getattr(store, "_fused_replay", None) is not None
         keep: list = []
         grads = gradients(params, WARM_STEPS)
         PERTURBATIONS[perturbation](params, grads, where, keep, opt)
@@ -299,7 +302,7 @@ def _spoilt_step(make, path, perturbation, where, tree=model):
             return err, opt, arrays, before
         return None, opt, arrays, before
     finally:
-        _fused.MODE, batch.BATCH_MIN = saved
+        _fused.MODE, batch.BATCH_MIN, replay.ENABLED = saved
 
 
 def _copies(tree):
@@ -458,5 +461,26 @@ def test_a_spoilt_leaf_late_in_a_big_tree_meets_a_live_batch(case, perturbation)
     takes what it takes, with the same result."""
     outcome = check(case, ["batched"], perturbation, BIG_LATE, tree=big_model)
     assert LIVE["batched"]
+    if perturbation in REFUSED:
+        assert outcome == "refused"
+
+
+# --- the replayed step over a big tree ----------------------------------------------------------
+
+STAGED_CASES = [
+    "Optimiser(ClipNorm, WeightDecay, Adam)",
+    "SkipNonFinite(Optimiser(ClipGlobalNorm, Momentum), max_consecutive=3)",
+    "Optimiser(ClipGlobalNorm, Groups(W: Momentum, default: Descent))",
+    "Lamb()",
+    "Adafactor(factored, momentum, lambda_)",
+]
+
+
+@pytest.mark.parametrize("perturbation", PERTURBATIONS)
+@pytest.mark.parametrize("case", STAGED_CASES)
+def test_a_spoilt_leaf_late_in_a_big_tree_meets_a_live_replay(case, perturbation):
+    """The same for plans of several stages, whose repeat steps replay the last step's jobs."""
+    outcome = check(case, ["replayed"], perturbation, BIG_LATE, tree=big_model)
+    assert LIVE["replayed"]
     if perturbation in REFUSED:
         assert outcome == "refused"

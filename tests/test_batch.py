@@ -5,6 +5,10 @@ table of addresses.  Whatever happens between steps (freezing, a reset, a checkp
 state or a parameter replaced by hand, odd or wrong gradients, a failing schedule), the
 result must be exactly that of the per-array path, which the other fused tests hold to the
 generic path.  The reference here is the same code with batching switched off.
+
+A plan of several stages (norm clips, skips, trust ratios, groups, Adafactor) is not
+batched; its repeat steps replay the last step's jobs (`composeopt._fused.replay`).  The
+same holds of them, against the same code with replaying switched off.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import pytest
 
 import composeopt as co
 from composeopt import _fused
-from composeopt._fused import batch, threads
+from composeopt._fused import batch, replay, threads
 from composeopt.errors import ShapeMismatchError, UnsupportedArrayError
 from composeopt.registry import CASES
 
@@ -561,3 +565,134 @@ def test_a_state_attribute_deleted_by_hand(batched):
     with pytest.raises(AttributeError, match="mu"):
         co.update_(opt, params, gradients(params, 4))
     assert batched[-1] is False
+
+
+# --- the replayed step of a plan of several stages ----------------------------------------
+
+STAGED_CASES = [
+    case
+    for case in CASES
+    if (plan := _fused.make_plan(CASES[case]())) is not None
+    and len(plan.stages) != 1
+    and "Groups" not in case
+]
+
+
+@pytest.fixture
+def replayed(monkeypatch):
+    """Per call of the replay: True where it gave the step its jobs."""
+    results = []
+    original = replay.jobs_of
+
+    def spy(*args):
+        jobs = original(*args)
+        results.append(jobs is not None)
+        return jobs
+
+    monkeypatch.setattr(replay, "jobs_of", spy)
+    return results
+
+
+def replay_run(make, steps=STEPS, *, replaying=True, between=None, grads=gradients, dtype=np.float32):
+    saved, replay.ENABLED = replay.ENABLED, replaying
+    try:
+        opt, params = make(), model(dtype)
+        for step in range(steps):
+            changed = between(step, opt, params) if between is not None else None
+            params = changed if isinstance(changed, dict) else params
+            co.update_(opt, params, grads(params, step))
+    finally:
+        replay.ENABLED = saved
+    return opt, params
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("case", STAGED_CASES)
+def test_every_staged_case_replayed_equals_the_ordinary_step(case, dtype, replayed):
+    opt, params = replay_run(CASES[case], dtype=dtype)
+    assert replayed[2:] == [True] * (STEPS - 2)
+    reference_opt, reference = replay_run(CASES[case], replaying=False, dtype=dtype)
+    assert_same(params, reference)
+    assert_same_states(opt, params, reference_opt, reference)
+
+
+def test_groups_are_replayed(replayed):
+    def make():
+        return co.Optimiser(
+            co.ClipGlobalNorm(1.0),
+            co.Groups(
+                (lambda path, x: x.ndim < 2, co.AdamW(0.1, lambda_=0.0)), default=co.AdamW(0.1, lambda_=0.01)
+            ),
+        )
+
+    opt, params = replay_run(make)
+    assert replayed[2:] == [True] * (STEPS - 2)
+    reference_opt, reference = replay_run(make, replaying=False)
+    assert_same(params, reference)
+    assert_same_states(opt, params, reference_opt, reference)
+
+
+@pytest.mark.parametrize("change", CHANGES)
+@pytest.mark.filterwarnings("ignore::composeopt.errors.StateResetWarning")  # parameter-replaced
+def test_changes_between_replayed_steps(change, replayed):
+    def between(step, opt, params):
+        return CHANGES[change](opt, params) if step == 4 else None
+
+    # Adam's state second in the chain's, where the changes reach for it.
+    make = lambda: co.Optimiser(co.WeightDecay(1e-2), co.Adam(0.1), co.ClipNorm(0.05, throw=False))  # noqa: E731
+    opt, params = replay_run(make, between=between)
+    assert replayed[2:4] == [True, True]
+    reference_opt, reference = replay_run(make, replaying=False, between=between)
+    assert_same(params, reference)
+    assert_same_states(opt, params, reference_opt, reference)
+
+
+def test_a_skipped_step_and_a_refused_one_leave_the_replay_right(replayed):
+    def grads(params, step):
+        tree = gradients(params, step)
+        if step == 3:
+            tree["layers"][2]["W"] = np.full_like(tree["layers"][2]["W"], np.nan)  # skipped
+        if step == 5:
+            tree["layers"][2]["W"] = np.ones(3)  # refused
+        return tree
+
+    def steps(replaying):
+        saved, replay.ENABLED = replay.ENABLED, replaying
+        try:
+            opt, params = co.SkipNonFinite(co.Adam(0.1)), model()
+            for step in range(STEPS):
+                if step == 5:
+                    before = [x.copy() for x in leaves(params)]
+                    with pytest.raises(ShapeMismatchError, match=r"params\['layers'\]\[2\]\['W'\]"):
+                        co.update_(opt, params, grads(params, step))
+                    for x, y in zip(leaves(params), before):
+                        np.testing.assert_array_equal(x, y)
+                else:
+                    co.update_(opt, params, grads(params, step))
+        finally:
+            replay.ENABLED = saved
+        return opt, params
+
+    opt, params = steps(True)
+    assert True in replayed
+    reference_opt, reference = steps(False)
+    assert_same(params, reference)
+    assert_same_states(opt, params, reference_opt, reference)
+
+
+def test_a_replay_keeps_neither_parameters_nor_gradients_alive():
+    opt, params = co.Optimiser(co.ClipNorm(1.0), co.Adam(0.1)), model()
+    for step in range(4):
+        co.update_(opt, params, gradients(params, step))
+    assert co.state_store(opt)._fused_replay is not None
+    watched = weakref.ref(params["layers"][0]["W"])
+    grads = gradients(params, 4)
+    watched_gradient = weakref.ref(grads["layers"][0]["W"])
+    co.update_(opt, params, grads)
+    del params, grads
+    gc.collect()
+    assert watched() is None and watched_gradient() is None
+    dying = weakref.ref(opt)
+    del opt
+    gc.collect()
+    assert dying() is None

@@ -10,7 +10,8 @@ Who owns what:
 * the backends, one module each: `numba_backend.py` (through `host.py`),
   `numpy_backend.py` (blocked NumPy, without a compiler), `cupy_backend.py`;
   the generic `xp` path is the engine's own (`composeopt.engine`);
-* `batch.py`: a tree that comes back unchanged, in one call.
+* `batch.py`: a tree that comes back unchanged, in one call;
+* `replay.py`: a tree that comes back unchanged, on the jobs of its last step.
 
 The engine's `update_` asks `plan` for the optimiser's plan; with one, it
 leaves the gradients uncopied and hands the checked leaves to `step_`.
@@ -40,7 +41,7 @@ from .._dispatch import copy as copy_array
 from .._dispatch import namespace
 from ..rule import Rule, keep_hyperparameters, start_step
 from ..store import StateStore
-from . import batch
+from . import batch, replay
 from .jobs import make_jobs
 from .kernel import Kernel
 from .plan import Plan, make_plan
@@ -142,49 +143,82 @@ def step_(fused: Plan, opt: Rule, store: StateStore, leaves: Sequence[Any]) -> b
     backend = _backend(leaves[0].x) if leaves else None
     if backend is None:
         return _decline(leaves)
+    fused = _known_plan(fused, store)
+    restore = keep_hyperparameters(opt)
+    try:
+        jobs = make_jobs(backend, opt, fused, store, leaves)
+    except BaseException:
+        restore()
+        raise
+    if jobs is None or not _run(backend, fused, opt, store, jobs, restore):
+        return _decline(leaves)
+    for job in jobs:
+        if job.new:  # the others were updated in place
+            store.set(job.leaf.x, job.state)
+    if backend.name == "numba":
+        if len(fused.stages) == 1:
+            batch.remember(fused, store, jobs)
+        else:
+            replay.remember(fused, store, jobs)
+    return True
+
+
+def _known_plan(fused: Plan, store: StateStore) -> Plan:
     # The last plan rides on the store (it refers to the rules, and so to the optimiser that
     # owns the store: a cycle, which the garbage collector takes with the optimiser).
     last = getattr(store, "_fused_plan", None)
     if last is not None and last == fused:
-        fused = last  # its routes, and what was checked against them, are known
-    else:
-        store._fused_plan = fused  # type: ignore[attr-defined]
-    restore = keep_hyperparameters(opt)
+        return last  # its routes, and what was checked against them, are known
+    store._fused_plan = fused  # type: ignore[attr-defined]
+    return fused
+
+
+def _run(backend: Backend, fused: Plan, opt: Rule, store: StateStore, jobs: list[Any], restore: Any) -> bool:
+    """The step over `jobs`; `False` if the fast path declined it before anything changed."""
     step = store.step + 1
     try:
-        jobs = make_jobs(backend, opt, fused, store, leaves)
-        if jobs is None:
-            restore()
-            return _decline(leaves)
         start_step(opt, step)  # schedules and decays change hyperparameters here
         if make_plan(opt) != fused:  # begin_step changed which kernels apply: let the generic path do it
             restore()
-            return _decline(leaves)
+            return False
         with np.errstate(all="ignore"):
             commits = run_step(backend, store, jobs, partial(_scratch_for, backend, store))
     except Declined:
         restore()
-        return _decline(leaves)
+        return False
     except BaseException:
         restore()
         raise
     for commit in commits:
         commit()
     store.step = step
-    for job in jobs:
-        if job.new:  # the others were updated in place
-            store.set(job.leaf.x, job.state)
-    if backend.name == "numba":
-        batch.remember(fused, store, jobs)
     return True
 
 
 def batched_step_(fused: Plan, opt: Rule, store: StateStore, params: Any, grads: Any) -> bool:
     """Take the step in one call over every array if the store remembers this tree (see
-    `.batch`) and return `True`; else return `False`, having changed nothing."""
+    `.batch`), or over the jobs of its last step (see `.replay`), and return `True`; else
+    return `False`, having changed nothing."""
     if MODE == "off" or MODE == "numpy":
         return False
-    return batch.step_(fused, opt, store, params, grads)
+    if len(fused.stages) == 1:
+        return batch.step_(fused, opt, store, params, grads)
+    backend = _backends.get("numba")
+    if backend is None:
+        return False
+    fused = _known_plan(fused, store)
+    restore = keep_hyperparameters(opt)
+    try:
+        jobs = replay.jobs_of(backend, fused, store, params, grads)
+    except BaseException:
+        restore()
+        raise
+    if jobs is None:
+        return False
+    if not _run(backend, fused, opt, store, jobs, restore):
+        store._fused_replay = None  # type: ignore[attr-defined]
+        return False
+    return True
 
 
 def _decline(leaves: Sequence[Any]) -> bool:

@@ -23,7 +23,7 @@ from ..rule import Rule
 from ..store import StateStore
 from .plan import Plan, Route, state_at, usable
 
-__all__ = ["Job", "make_jobs"]
+__all__ = ["Job", "make_jobs", "read_gradients"]
 
 
 class Job:
@@ -140,7 +140,7 @@ def make_jobs(
                 return None
             known.set(x, checked)
         jobs.append(Job(leaf, backend.flat(x), state, i in made, route, checked))
-    _read_gradients(backend, jobs)
+    read_gradients(backend, jobs)
     return jobs
 
 
@@ -175,7 +175,7 @@ def _check(backend: Any, route: Route, state: Any, x: Any) -> Checked | None:
     return checked
 
 
-def _read_gradients(backend: Any, jobs: list[Job]) -> None:
+def read_gradients(backend: Any, jobs: list[Job]) -> None:
     """Each job's gradient as the kernels read it.
 
     A gradient that is (a view of) an array this step writes, another parameter say, would be

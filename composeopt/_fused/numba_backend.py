@@ -190,13 +190,8 @@ def powers(sources: Sequence[Any], p: float | str) -> list[float]:
     return [float(sum(parts)) for parts in chunks]
 
 
-_ACCUMULATE = {
-    0: "a{m} += numpy.float64({v}) * numpy.float64({v})",
-    1: "a{m} += abs(numpy.float64({v}))",
-    2: "a{m} = _larger(a{m}, abs(numpy.float64({v})))",
-    3: "a{m} += abs(numpy.float64({v})) ** p{m}",
-    4: "a{m} += numpy.float64({v}) * 0.0",
-}
+MEASURE_BLOCK = 4096
+"""Elements per block of a measured stage: written, then measured while still in cache."""
 
 
 def measured_stage_source(
@@ -205,34 +200,42 @@ def measured_stage_source(
     """A stage that writes `out` and measures it as it goes: per `(of, kind)` of `measures`,
     `acc[m]` gets `_numba_norms.power`'s kind of the stage's output (`of == "d"`) or of `x`.
 
-    The sums are taken in order, without `fastmath`: the stage's own arithmetic then rounds
-    exactly as in the unmeasured stage, and a step gives the same bits in every process.
+    Block by block, the stage's own loop (that of `stage_source`, rounding exactly as the
+    unmeasured stage) writes `out`, then `_numba_norms.power` measures the block while it is
+    in cache: its sums are vectorised, and the order of their terms is fixed by the block
+    size, so a step gives the same bits in every process.
     """
+    stage = stage_source(kernels, scaled, False)[len(_HEADER) :]
     names = list(rule_names(kernels))
     arrays = "".join(", " + n.array(s) for n in names for s in n.kernel.state)
     lines = [f"def measured(lo, hi, g, x, out, k, acc, ps{arrays}):"]
-    for n in names:
-        for position, scalar in enumerate(n.kernel.scalar_names):
-            lines.append(f"    {n.local(scalar)} = k[{n.scalar_offset + position}]")
-    if scaled:
-        lines.append(f"    scale = k[{scalar_count(kernels)}]")
     for m in range(len(measures)):
-        lines += [f"    a{m} = 0.0", f"    p{m} = ps[{m}]"]
-    for array in ("g", "x", "out", *(n.array(s) for n in names for s in n.kernel.state)):
-        lines.append(f"    {array} = {array}[lo:hi]")
-    loop = _loop(kernels, scaled, False, "    ")
-    reads_x = any(kernel.reads_x for kernel in kernels)
+        lines.append(f"    a{m} = 0.0")
+    lines += [
+        f"    for start in range(lo, hi, {MEASURE_BLOCK}):",
+        f"        stop = min(start + {MEASURE_BLOCK}, hi)",
+        f"        stage(start, stop, g, x, out, k{arrays})",
+    ]
     for m, (of, kind) in enumerate(measures):
-        value = "d" if of == "d" else ("xv" if reads_x else "x[i]")
-        loop.append("        " + _ACCUMULATE[kind].format(m=m, v=value))
-    lines += loop
+        source = "out" if of == "d" else "x"
+        part = f"power(start, stop, {source}, ps[{m}], {kind})"
+        if kind == 2:
+            lines.append(f"        a{m} = _larger(a{m}, {part})")
+        else:
+            lines.append(f"        a{m} += {part}")
     lines += [f"    acc[{m}] = a{m}" for m in range(len(measures))]
     header = _HEADER.replace(
         '@njit(cache=True, nogil=True, error_model="numpy")\n',
-        _LARGER + '\n\n@njit(cache=True, nogil=True, error_model="numpy")\n',
+        _LARGER
+        + '\n\n@njit(cache=True, nogil=True, error_model="numpy")\n'
+        + stage
+        + '\n\n@njit(cache=True, nogil=True, error_model="numpy")\n',
     )
+    header = header.replace("from numpy import sqrt", _POWER_IMPORT)
     return header + "\n".join(lines) + "\n"
 
+
+_POWER_IMPORT = "from numpy import sqrt\n\nfrom composeopt._fused._numba_norms import power"
 
 _LARGER = """@njit
 def _larger(total, value):

@@ -17,6 +17,7 @@ anything else makes the plan `None`, and the step takes the generic path.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from ..chain import Optimiser
@@ -74,7 +75,7 @@ class Stage:
 
     entries: tuple[Entry, ...]
 
-    @property
+    @cached_property
     def key(self) -> tuple[int, ...]:
         return tuple(id(entry.kernel) for entry in self.entries)
 
@@ -95,9 +96,22 @@ class Route:
         decisive = [n for n, b in enumerate(self.boundaries) if b.reduce.decisive(b.rule)]
         return decisive[-1] if decisive else -1
 
-    @property
-    def entries(self) -> list[Entry]:
-        return [entry for stage in self.stages for entry in stage.entries]
+    @cached_property
+    def entries(self) -> tuple[Entry, ...]:
+        return tuple(entry for stage in self.stages for entry in stage.entries)
+
+    @cached_property
+    def starts(self) -> tuple[tuple[int, int, int], ...]:
+        """Per stage: its first entry's position in `entries`, and the range of its state
+        arrays in a job's `arrays` (every entry's, in route order)."""
+        found = []
+        entry = array = 0
+        for stage in self.stages:
+            count = sum(len(e.kernel.state) for e in stage.entries)
+            found.append((entry, array, array + count))
+            entry += len(stage.entries)
+            array += count
+        return tuple(found)
 
     @property
     def parts(self) -> list[Any]:
@@ -130,7 +144,7 @@ class Plan:
     @property
     def entries(self) -> list[Entry]:
         route = self.linear
-        return [] if route is None else route.entries
+        return [] if route is None else list(route.entries)
 
     def route_of(self, state: Any) -> Route | None:
         """The route of a parameter whose chain state is `state`; `None` if its state

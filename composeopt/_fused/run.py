@@ -103,30 +103,40 @@ class _Scalars:
 
     def vector(self, job: Job, number: int) -> Any:
         """The scalars of stage `number`'s kernels for this job, as the backend takes them."""
-        first = sum(len(stage.entries) for stage in job.route.stages[:number])
+        first = job.route.starts[number][0]
+        entries = job.route.stages[number].entries
+        states = job.entry_states
         extra = job.extra.get(number)
-        keys: list[Any] = []
+        memo = (job.x.dtype, number, *self._counted(entries, states, first))
+        if extra is None:
+            vector = self.vectors.get(memo)
+            if vector is not None:
+                return vector
         values: list[float] = []
-        for offset, entry in enumerate(job.route.stages[number].entries):
-            key, named = self.named(entry, job, first + offset)
+        for offset, entry in enumerate(entries):
+            _, named = self.named(entry, job, first + offset)
             if offset == 0 and extra is not None:
                 named = {**named, **extra}
-            keys.append(key)
             values.extend(float(named[name]) for name in entry.kernel.scalar_names)
-        if extra is not None:
-            return self.backend.vector(values, None, job.x.dtype)
-        memo = (job.x.dtype, *keys)
-        vector = self.vectors.get(memo)
-        if vector is None:
-            vector = self.vectors[memo] = self.backend.vector(values, None, job.x.dtype)
+        vector = self.backend.vector(values, None, job.x.dtype)
+        if extra is None:
+            self.vectors[memo] = vector
         return vector
+
+    @staticmethod
+    def _counted(entries: Sequence[Entry], states: Sequence[Any], first: int) -> list[Any]:
+        """What a stage's scalars depend on besides the dtype: each entry, and its step count."""
+        found: list[Any] = []
+        for offset, entry in enumerate(entries):
+            counter = entry.kernel.counter
+            found.append(id(entry))
+            found.append(None if counter is None else getattr(states[first + offset], counter))
+        return found
 
 
 def _arrays(job: Job, number: int) -> list[Any]:
-    stages = job.route.stages
-    first = sum(len(entry.kernel.state) for stage in stages[:number] for entry in stage.entries)
-    count = sum(len(entry.kernel.state) for entry in stages[number].entries)
-    return job.arrays[first : first + count]
+    _, first, last = job.route.starts[number]
+    return job.arrays[first:last]
 
 
 def _output(job: Job, scratch: Any) -> Any:
