@@ -23,7 +23,7 @@ import pytest
 
 import composeopt as co
 from composeopt import _fused
-from composeopt._fused import batch, replay, threads
+from composeopt._fused import batch, replay, table, threads
 from composeopt.errors import ShapeMismatchError, UnsupportedArrayError
 from composeopt.registry import CASES
 
@@ -580,16 +580,16 @@ STAGED_CASES = [
 
 @pytest.fixture
 def replayed(monkeypatch):
-    """Per call of the replay: True where it gave the step its jobs."""
+    """Per step that had a replay: True where it proved the step the one it kept."""
     results = []
-    original = replay.jobs_of
+    original = replay.proof
 
     def spy(*args):
-        jobs = original(*args)
-        results.append(jobs is not None)
-        return jobs
+        proved = original(*args)
+        results.append(proved is not None)
+        return proved
 
-    monkeypatch.setattr(replay, "jobs_of", spy)
+    monkeypatch.setattr(replay, "proof", spy)
     return results
 
 
@@ -696,3 +696,36 @@ def test_a_replay_keeps_neither_parameters_nor_gradients_alive():
     del opt
     gc.collect()
     assert dying() is None
+
+
+TABLED_CASES = [
+    "ClipNorm()",
+    "Optimiser(ClipNorm, WeightDecay, Adam)",
+    "Optimiser(Momentum, ClipGlobalNorm, InvDecay)",
+    "SkipNonFinite(Adam)",
+    "Lamb()",
+    "Lars(lambda_=1e-3, epsilon=1e-8, nesterov=True)",
+    "Novograd()",
+    "Fromage()",
+]
+
+
+@pytest.mark.parametrize("case", TABLED_CASES)
+def test_one_route_plans_are_replayed_as_tables(case, monkeypatch):
+    """Plans without groups or whole-rule kernels take their repeat steps as tables, one call
+    per stage; the result is that of the replay's jobs to the last bit."""
+    runs = []
+    original = table.run_table
+
+    def spy(*args):
+        commits = original(*args)
+        runs.append(commits is not None)
+        return commits
+
+    monkeypatch.setattr(table, "run_table", spy)
+    opt, params = replay_run(CASES[case])
+    assert runs == [True] * (STEPS - 2)
+    monkeypatch.setattr(table, "TABLE_MIN", 10**9)
+    reference_opt, reference = replay_run(CASES[case])
+    assert_same(params, reference)
+    assert_same_states(opt, params, reference_opt, reference)

@@ -150,7 +150,7 @@ def step_(fused: Plan, opt: Rule, store: StateStore, leaves: Sequence[Any]) -> b
     except BaseException:
         restore()
         raise
-    if jobs is None or not _run(backend, fused, opt, store, jobs, restore):
+    if jobs is None or not _run(fused, opt, store, restore, partial(_run_jobs, backend, store, jobs)):
         return _decline(leaves)
     for job in jobs:
         if job.new:  # the others were updated in place
@@ -159,7 +159,7 @@ def step_(fused: Plan, opt: Rule, store: StateStore, leaves: Sequence[Any]) -> b
         if len(fused.stages) == 1:
             batch.remember(fused, store, jobs)
         else:
-            replay.remember(fused, store, jobs)
+            replay.remember(fused, store, jobs, partial(_scratch_for, backend, store))
     return True
 
 
@@ -173,8 +173,9 @@ def _known_plan(fused: Plan, store: StateStore) -> Plan:
     return fused
 
 
-def _run(backend: Backend, fused: Plan, opt: Rule, store: StateStore, jobs: list[Any], restore: Any) -> bool:
-    """The step over `jobs`; `False` if the fast path declined it before anything changed."""
+def _run(fused: Plan, opt: Rule, store: StateStore, restore: Any, steps: Any) -> bool:
+    """The step, by `steps()` (its commits, or `None` if it declined before anything
+    changed); `False` if it declined."""
     step = store.step + 1
     try:
         start_step(opt, step)  # schedules and decays change hyperparameters here
@@ -182,23 +183,30 @@ def _run(backend: Backend, fused: Plan, opt: Rule, store: StateStore, jobs: list
             restore()
             return False
         with np.errstate(all="ignore"):
-            commits = run_step(backend, store, jobs, partial(_scratch_for, backend, store))
-    except Declined:
-        restore()
-        return False
+            commits = steps()
     except BaseException:
         restore()
         raise
+    if commits is None:
+        restore()
+        return False
     for commit in commits:
         commit()
     store.step = step
     return True
 
 
+def _run_jobs(backend: Backend, store: StateStore, jobs: list[Any]) -> list[Any] | None:
+    try:
+        return run_step(backend, store, jobs, partial(_scratch_for, backend, store))
+    except Declined:
+        return None
+
+
 def batched_step_(fused: Plan, opt: Rule, store: StateStore, params: Any, grads: Any) -> bool:
     """Take the step in one call over every array if the store remembers this tree (see
-    `.batch`), or over the jobs of its last step (see `.replay`), and return `True`; else
-    return `False`, having changed nothing."""
+    `.batch`), or from the jobs of its last step (see `.replay`, `.table`), and return
+    `True`; else return `False`, having changed nothing."""
     if MODE == "off" or MODE == "numpy":
         return False
     if len(fused.stages) == 1:
@@ -207,15 +215,24 @@ def batched_step_(fused: Plan, opt: Rule, store: StateStore, params: Any, grads:
     if backend is None:
         return False
     fused = _known_plan(fused, store)
+    proved = replay.proof(fused, store, params, grads)
+    if proved is None:
+        return False
+    kept, proof = proved
     restore = keep_hyperparameters(opt)
+    if kept.table is not None and kept.table.take(proof[0], proof[1]):
+        from . import table
+
+        if _run(fused, opt, store, restore, partial(table.run_table, kept.table, store)):
+            return True
     try:
-        jobs = replay.jobs_of(backend, fused, store, params, grads)
+        jobs = replay.jobs_of(backend, kept, proof, store)
     except BaseException:
         restore()
         raise
     if jobs is None:
         return False
-    if not _run(backend, fused, opt, store, jobs, restore):
+    if not _run(fused, opt, store, restore, partial(_run_jobs, backend, store, jobs)):
         store._fused_replay = None  # type: ignore[attr-defined]
         return False
     return True

@@ -243,6 +243,66 @@ def _larger(total, value):
 """
 
 
+def table_source(kernels: tuple[Kernel, ...], to_x: bool, measures: tuple[tuple[str, int], ...]) -> str:
+    """One stage over many arrays at once, from a table (see `.table`).
+
+    `table(chunks, ks, addresses, acc, ps)`: for each row `(j, lo, hi)` of `chunks`, the
+    stage's own loop (that of `stage_source`) runs over elements `lo:hi` of array `j`, whose
+    row of `addresses` holds the addresses of the stage's input, of `x`, of its output and of
+    each state array, and whose scalars are `ks[j]`.  Per `(of, kind)` of `measures`,
+    `acc[c, m]` gets `_numba_norms.power`'s kind of chunk `c` of the output (`of == "d"`) or
+    of `x`, block by block as in `measured_stage_source`; a stage without kernels only
+    measures its input, over the whole chunk, as `powers` does.
+    """
+    names = list(rule_names(kernels))
+    states = [n.array(s) for n in names for s in n.kernel.state]
+    lines = ["def table(chunks, ks, addresses, acc, ps):", "    size = ks.itemsize"]
+    lines.append("    for c in range(chunks.shape[0]):")
+    lines.append("        j, lo, hi = chunks[c, 0], chunks[c, 1], chunks[c, 2]")
+    lines.append("        k = ks[j]")
+    for column, array in enumerate(("g", "x", "out", *states)):
+        lines.append(f"        {array} = carray(pointer(addresses[j, {column}] + lo * size, k), hi - lo)")
+    arguments = "".join(", " + a for a in states)
+    if not kernels and not to_x:
+        for m, (of, kind) in enumerate(measures):
+            lines.append(
+                f"        acc[c, {m}] = power(0, hi - lo, {'g' if of == 'd' else 'x'}, ps[{m}], {kind})"
+            )
+        body = ""
+    elif not measures:
+        lines.append(f"        stage(0, hi - lo, g, x, out, k{arguments})")
+        body = stage_source(kernels, False, to_x)[len(_HEADER) :]
+    else:
+        lines.append(f"        for start in range(0, hi - lo, {MEASURE_BLOCK}):")
+        lines.append(f"            stop = min(start + {MEASURE_BLOCK}, hi - lo)")
+        lines.append(f"            stage(start, stop, g, x, out, k{arguments})")
+        for m, (of, kind) in enumerate(measures):
+            part = f"power(start, stop, {'out' if of == 'd' else 'x'}, ps[{m}], {kind})"
+            if kind == 2:
+                lines.append(f"            acc[c, {m}] = _larger(acc[c, {m}], {part})")
+            else:
+                lines.append(f"            acc[c, {m}] += {part}")
+        body = stage_source(kernels, False, False)[len(_HEADER) :]
+    decorator = '@njit(cache=True, nogil=True, error_model="numpy")\n'
+    header = _HEADER.replace("from numba import njit", "from numba import carray, njit")
+    header = header.replace(
+        "from numpy import sqrt", _POINTER_IMPORT + "\nfrom composeopt._fused._numba_norms import power"
+    )
+    header = header.replace(
+        decorator, _LARGER + "\n\n" + (decorator + body + "\n\n" if body else "") + decorator
+    )
+    return header + "\n".join(lines) + "\n"
+
+
+@cache
+def table_function(
+    kernels: tuple[Kernel, ...], to_x: bool, measures: tuple[tuple[str, int], ...]
+) -> Callable[..., None]:
+    module = load_module(table_source(kernels, to_x, measures), "composeopt_table")
+    function: Callable[..., None] = module.table
+    return function
+
+
 @cache
 def measured_stage_function(
     kernels: tuple[Kernel, ...], scaled: bool, measures: tuple[tuple[str, int], ...]

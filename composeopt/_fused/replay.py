@@ -32,8 +32,8 @@ of arrays; `.batch` is one call for the whole tree, for single-stage plans.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -43,7 +43,10 @@ from ..store import StateStore
 from .jobs import Job, read_gradients
 from .plan import Plan
 
-__all__ = ["ENABLED", "Replay", "remember", "jobs_of"]
+if TYPE_CHECKING:
+    from .table import Table
+
+__all__ = ["ENABLED", "Replay", "remember", "proof", "jobs_of"]
 
 ENABLED = True
 """Whether fused steps are replayed (the tests turn it off to reach the ordinary fused step)."""
@@ -65,15 +68,16 @@ class _Kept:
 class Replay:
     """The jobs of one tree's last fused step, kept for the next (see the module's docstring)."""
 
-    __slots__ = ("plan", "seen", "kept")
+    __slots__ = ("plan", "seen", "kept", "table")
 
-    def __init__(self, plan: Plan, seen: check.Seen, jobs: Sequence[Job]) -> None:
+    def __init__(self, plan: Plan, seen: check.Seen, jobs: Sequence[Job], table: Table | None) -> None:
         self.plan = plan
         self.seen = seen
         self.kept = [_Kept(job) for job in jobs]
+        self.table = table  # the same step as tables, where one can run it (see `.table`)
 
 
-def remember(plan: Plan, store: StateStore, jobs: Sequence[Job]) -> None:
+def remember(plan: Plan, store: StateStore, jobs: Sequence[Job], scratch: Callable[[Any, int], Any]) -> None:
     """After an ordinary fused step over `jobs`: keep them for the next step if the check
     phase has remembered this very tree (it does from the step after it was first asked to
     watch the store), with gradients of the parameters' dtypes."""
@@ -88,12 +92,16 @@ def remember(plan: Plan, store: StateStore, jobs: Sequence[Job]) -> None:
         return  # not (yet) what the check phase accepted of this tree
     if not np.array_equal(seen.gradient_dtypes, seen.parameters[:, DTYPE]):
         return  # gradients the ordinary step would cast first
-    store._fused_replay = Replay(plan, seen, jobs)  # type: ignore[attr-defined]
+    from .table import make_table  # numba's, imported with the first fused step on NumPy arrays
+
+    route = plan.linear
+    table = None if route is None else make_table(route, seen, jobs, scratch)
+    store._fused_replay = Replay(plan, seen, jobs, table)  # type: ignore[attr-defined]
 
 
-def jobs_of(backend: Any, plan: Plan, store: StateStore, params: Any, grads: Any) -> list[Job] | None:
-    """This step's jobs, rebuilt from the store's replay, if the step is the one it kept;
-    else `None` (and the replay is dropped), having changed nothing."""
+def proof(plan: Plan, store: StateStore, params: Any, grads: Any) -> tuple[Replay, Any] | None:
+    """The store's replay and the check phase's proof that this step is the one it kept
+    (`check.unchanged_leaves`); else `None`, and the replay is dropped."""
     replay: Replay | None = getattr(store, "_fused_replay", None)
     if replay is None:
         return None
@@ -101,13 +109,19 @@ def jobs_of(backend: Any, plan: Plan, store: StateStore, params: Any, grads: Any
     if proved is None or proved[0] is not replay.seen or replay.plan != plan:
         store._fused_replay = None  # type: ignore[attr-defined]
         return None
+    return replay, proved
+
+
+def jobs_of(backend: Any, replay: Replay, proved: Any, store: StateStore) -> list[Job] | None:
+    """This step's jobs, rebuilt from `replay` (`proved` by `proof`); `None` if a state was
+    changed by hand (and the replay is dropped), having changed nothing."""
     _, parameters, gradients = proved
     jobs = []
     for kept, x, dx in zip(replay.kept, parameters, gradients):
         checked = kept.checked
         if not (checked.holds(kept.route, kept.state) and checked.host_state_ok(x)):
             store._fused_replay = None  # type: ignore[attr-defined]
-            return None  # a state changed by hand: the ordinary step checks it again
+            return None  # the ordinary step checks it again
         leaf = check.Leaf(kept.path, x, dx, kept.state)
         job = Job(leaf, backend.flat(x), kept.state, False, kept.route, checked)
         job.scratch = kept.scratch

@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-__all__ = ["thread_count", "run_chunks", "shares", "run_together"]
+__all__ = ["thread_count", "run_chunks", "chunk_shares", "shares", "run_together"]
 
 PARALLEL_MIN = 1 << 18
 """Below this many elements in big jobs, one thread does it all (waking others costs more)."""
@@ -53,28 +53,37 @@ def run_chunks(work: Callable[[int, int, int], Any], sizes: Sequence[int]) -> li
 
     Returns, per job, the results of its chunks in order (one chunk unless it was split).
     """
-    big = sum(size for size in sizes if size >= BIG_JOB)
-    threads = min(thread_count(), max(1, big // PARALLEL_MIN))
     results: list[list[Any]] = [[] for _ in sizes]
-    if threads == 1:
-        for job, size in enumerate(sizes):
-            results[job].append(work(job, 0, size))
+    plan = chunk_shares(sizes)
+    if len(plan) == 1:
+        for job, lo, hi in plan[0]:
+            results[job].append(work(job, lo, hi))
         return results
-    order = sorted(range(len(sizes)), key=lambda job: sizes[job] >= BIG_JOB)  # small jobs first
-    shares = [
-        [(order[job], lo, hi) for job, lo, hi in share]
-        for share in _split([sizes[j] for j in order], threads)
-    ]
 
     def run(share: list[Chunk]) -> list[Any]:
         return [work(job, lo, hi) for job, lo, hi in share]
 
-    futures: list[Future[list[Any]]] = [_executor(threads - 1).submit(run, share) for share in shares[1:]]
-    outputs = [run(shares[0])] + [future.result() for future in futures]
-    for share, output in zip(shares, outputs):  # shares are in order, so are each job's chunks
+    futures: list[Future[list[Any]]] = [_executor(len(plan) - 1).submit(run, share) for share in plan[1:]]
+    outputs = [run(plan[0])] + [future.result() for future in futures]
+    for share, output in zip(plan, outputs):  # shares are in order, so are each job's chunks
         for (job, _, _), value in zip(share, output):
             results[job].append(value)
     return results
+
+
+def chunk_shares(sizes: Sequence[int]) -> list[list[Chunk]]:
+    """The `(job, lo, hi)` chunks of `run_chunks`, one share per thread: small jobs first and
+    whole, big jobs cut between threads; a single share if the big jobs are too small to
+    be worth waking other threads for."""
+    big = sum(size for size in sizes if size >= BIG_JOB)
+    threads = min(thread_count(), max(1, big // PARALLEL_MIN))
+    if threads == 1:
+        return [[(job, 0, size) for job, size in enumerate(sizes)]]
+    order = sorted(range(len(sizes)), key=lambda job: sizes[job] >= BIG_JOB)  # small jobs first
+    return [
+        [(order[job], lo, hi) for job, lo, hi in share]
+        for share in _split([sizes[j] for j in order], threads)
+    ]
 
 
 def _split(sizes: Sequence[int], parts: int) -> list[list[Chunk]]:

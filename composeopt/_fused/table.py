@@ -1,0 +1,343 @@
+"""A replayed step of several stages as tables: one compiled call per stage for the whole tree.
+
+A replayed step (see `.replay`) still spends microseconds of Python per array
+and stage: its job, its scalars, one backend call, its measures.  When every
+parameter of the tree takes the same route (a plan without groups), through
+stages of elementwise kernels and reductions (norm clips, the finite flag of
+SkipNonFinite, the trust ratios of Lamb, Lars, Novograd and Fromage), over
+NumPy arrays of one dtype, the replay also keeps a `Table`: per stage, the
+addresses of what each array's stage reads and writes (its input, `x`, its
+output, its states) and a row of scalars per array.  A step then
+
+1. checks what `.batch` checks of a batched step: that the check phase has
+   just proved this very tree, that every state still holds the arrays and the
+   step counts in the table, that the reductions' host-side state is as they
+   expect, and that every gradient can be read where it is (C-contiguous,
+   aligned, meeting nothing the step writes);
+2. runs the executor's three phases (see `.run`) with one call of a generated
+   numba function per stage and thread (`numba_backend.table_function`): the
+   deciding reduction first (nothing is written before it but scratch and
+   the counters, which are put back on any error), then the scalars, then the
+   stages in order, each measuring what its reduction needs as it writes, and
+   each reduction's `finish` called as on the ordinary path, per array or for
+   the whole tree.
+
+The stage's loop, the blocks it is measured in and the order in which the parts
+of a measure are added are those of the ordinary path, chunk for chunk, so the
+two give the same bits.  Anything else (a step the reductions skip for some
+arrays only, a gradient to be copied first) declines before anything changed,
+and the replay's jobs take the step.  The table keeps the states and the
+scratch buffers alive (their addresses must stay valid), not the parameters.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from functools import partial
+from itertools import repeat
+from operator import is_, itemgetter
+from typing import Any
+
+import numpy as np
+
+from .. import check
+from .._memory import readable_in_place
+from ..rule import State
+from ..store import StateStore
+from .jobs import Job
+from .numba_backend import _kind, table_function
+from .plan import Route, stateless
+from .threads import chunk_shares, run_together
+
+__all__ = ["Table", "make_table"]
+
+TABLE_MIN = 16
+"""Trees with fewer arrays keep the replay's per-array calls, whose overhead is then small."""
+
+GRADIENT = -1
+"""A stage's input that is the gradient (else the number of a scratch buffer)."""
+
+
+class _Stage:
+    """One stage of the route as the table runs it."""
+
+    def __init__(self, route: Route, number: int, source: int, output: int | None) -> None:
+        stage = route.stages[number]
+        self.number = number
+        self.kernels = tuple(entry.kernel for entry in stage.entries)
+        self.first_entry, self.first_array, self.last_array = route.starts[number]
+        self.source = source  # GRADIENT, or a scratch buffer's number
+        self.output = output  # a scratch buffer's number; None: it writes x (the last stage)
+        self.boundary = route.boundaries[number] if number < len(route.boundaries) else None
+
+
+class Table:
+    """What a staged step over one tree needs, as tables (see the module's docstring)."""
+
+    def __init__(self, route: Route, seen: check.Seen, jobs: Sequence[Job], buffers: list[list[Any]]) -> None:
+        xs = [job.leaf.x for job in jobs]
+        self.route = route
+        self.seen = seen
+        self.count = len(jobs)
+        self.dtype = xs[0].dtype
+        self.dtypes = [self.dtype] * self.count
+        self.paths = [str(job.leaf.path) for job in jobs]
+        self.buffers = buffers  # [buffer number][array]: kept alive, for their addresses
+        self.entry_states = [[job.entry_states[p] for job in jobs] for p in range(len(route.entries))]
+        self.boundary_states = [
+            [job.boundary_states[b] for job in jobs] for b in range(len(route.boundaries))
+        ]
+        fields = [
+            [vars(state) for state in states] if entry.kernel.state or entry.kernel.counter else []
+            for entry, states in zip(route.entries, self.entry_states)
+        ]
+        self.arrays = [
+            (itemgetter(name), dicts, [state[name] for state in dicts])
+            for entry, dicts in zip(route.entries, fields)
+            for name in entry.kernel.state
+        ]
+        self.counters = [
+            [itemgetter(entry.kernel.counter), entry.kernel.counter, dicts, dicts[0][entry.kernel.counter]]
+            for entry, dicts in zip(route.entries, fields)
+            if entry.kernel.counter is not None
+        ]
+        for _, name, dicts, value in self.counters:
+            for state in dicts:  # one int object for all, so that `is` can tell that none changed
+                state[name] = value
+        held = [job.arrays for job in jobs]  # every entry's state arrays, 1-d, in route order
+        self.nbytes = np.array([x.nbytes for x in xs], dtype=np.int64)
+        written = [x.ctypes.data for x in xs] + [a.ctypes.data for arrays in held for a in arrays]
+        lengths = list(self.nbytes) + [a.nbytes for arrays in held for a in arrays]
+        order = np.argsort(written)
+        self.written_starts = np.array(written, dtype=np.int64)[order]
+        self.written_ends = self.written_starts + np.array(lengths, dtype=np.int64)[order]
+        self.chunks = [
+            np.array(share, dtype=np.int64).reshape(-1, 3) for share in chunk_shares([x.size for x in xs])
+        ]
+        self.chunk_arrays = np.concatenate([chunks[:, 0] for chunks in self.chunks])
+        self.stages: list[_Stage] = []
+        self.addresses: list[Any] = []
+        source = GRADIENT
+        for number, stage in enumerate(route.stages):
+            last = number == len(route.stages) - 1
+            output = None if last else (source + 1) % 2 if stage.entries else None
+            plan = _Stage(route, number, source, output)
+            self.stages.append(plan)
+            columns = [
+                np.zeros(self.count, np.int64) if source == GRADIENT else _addresses(buffers[source]),
+                _addresses(xs),
+                _addresses(xs) if output is None else _addresses(buffers[output]),
+                *(
+                    np.array([arrays[a].ctypes.data for arrays in held], dtype=np.int64)
+                    for a in range(plan.first_array, plan.last_array)
+                ),
+            ]
+            self.addresses.append(np.ascontiguousarray(np.stack(columns, axis=1)))
+            if output is not None:
+                source = output
+
+    def take(self, seen: check.Seen, xs: Sequence[Any]) -> bool:
+        """Whether this step is the one the table describes (`seen` is what the check phase
+        has just proved of it, with parameters `xs`), with gradients that the kernels may read where they are;
+        if so, their addresses are written into the table."""
+        if seen is not self.seen:
+            return False
+        try:
+            for getter, dicts, held in self.arrays:  # a state array replaced by hand
+                if not all(map(is_, map(getter, dicts), held)):
+                    return False
+            for getter, _, dicts, value in self.counters:
+                if not all(map(is_, map(getter, dicts), repeat(value))):
+                    return False
+        except KeyError:  # a field deleted by hand
+            return False
+        for boundary, states in zip(self.route.boundaries, self.boundary_states):
+            if not all(map(boundary.reduce.state_ok, states, xs)):
+                return False
+        if not readable_in_place(
+            seen.gradients[0], self.nbytes, seen.gradients[1], self.written_starts, self.written_ends
+        ):
+            return False
+        for stage, addresses in zip(self.stages, self.addresses):
+            if stage.source == GRADIENT:
+                addresses[:, 0] = seen.gradients[0]
+        return True
+
+
+def _addresses(arrays: Sequence[Any]) -> Any:
+    return np.array([a.ctypes.data for a in arrays], dtype=np.int64)
+
+
+def make_table(
+    route: Route, seen: check.Seen, jobs: Sequence[Job], scratch: Callable[[Any, int], Any]
+) -> Table | None:
+    """The table of a replayed tree, if the table can run it (see the module's docstring)."""
+    if len(jobs) < TABLE_MIN or route.whole is not None:
+        return None
+    if any(job.route is not route for job in jobs):
+        return None
+    if any(boundary.reduce.exchange is not None for boundary in route.boundaries):
+        return None
+    dtype = jobs[0].x.dtype
+    if any(job.x.dtype != dtype for job in jobs):
+        return None
+    for position, entry in enumerate(route.entries):
+        states = [job.entry_states[position] for job in jobs]
+        counter = entry.kernel.counter
+        if (entry.kernel.state or counter) and any(type(state) is not State for state in states):
+            return None  # fields that may not live in the state's __dict__
+        if counter is not None:
+            values = [getattr(state, counter) for state in states]
+            if any(type(value) is not int for value in values) or len(set(values)) != 1:
+                return None
+    written = [array for job in jobs for array in (job.x, *job.arrays)]
+    if not all(array.flags.aligned for array in written):
+        return None
+    spans = sorted((a.ctypes.data, a.ctypes.data + a.nbytes) for a in written if a.nbytes)
+    if not all(end <= start for (_, end), (start, _) in zip(spans, spans[1:])):
+        return None  # arrays that share memory: threads would race on it
+    needed = sum(1 for stage in route.stages[:-1] if stage.entries)
+    buffers = [[scratch(job.leaf.x, number) for job in jobs] for number in range(min(needed, 2))]
+    return Table(route, seen, jobs, buffers)
+
+
+def run_table(table: Table, store: StateStore) -> list[Any] | None:
+    """The step over the table (its gradients taken by `take`): the reductions' commits, to
+    call once it has all been taken; `None` if it declined, having changed nothing."""
+    route = table.route
+    decided = route.last_decisive
+    if decided >= 0 and not all(stateless(stage) for stage in route.stages[: decided + 1]):
+        return None
+    scalars = _Scalars(table)
+    commits: list[Any] = []
+    extra: dict[int, Any] = {}  # stage number -> per array, the scalars a reduction gave
+    _advance(table, 1)
+    try:
+        for number in range(decided + 1):
+            skipped = _measure_and_finish(table, table.stages[number], scalars, extra, commits)
+            if skipped is not None:
+                if not all(skipped):  # some arrays only: the replay's jobs take it
+                    _advance(table, -1)
+                    return None
+                _advance(table, -1)
+                return commits  # every array skipped: nothing more changes
+        for stage in table.stages:
+            scalars.row(stage)
+    except BaseException:
+        _advance(table, -1)
+        raise
+    for stage in table.stages[decided + 1 :]:
+        if stage.boundary is None:
+            _run(table, stage, scalars.rows(stage, extra.get(stage.number)), ())
+        else:
+            skipped = _measure_and_finish(table, stage, scalars, extra, commits)
+            assert skipped is None, "only a deciding reduction skips"
+    return commits
+
+
+def _advance(table: Table, by: int) -> None:
+    for counter in table.counters:
+        _, name, dicts, value = counter
+        counter[3] = value = value + by
+        for state in dicts:
+            state[name] = value
+
+
+class _Scalars:
+    """Each stage's scalars this step: one row for every array (their counts are equal)."""
+
+    def __init__(self, table: Table) -> None:
+        self.table = table
+        self.base: dict[int, Any] = {}
+
+    def row(self, stage: _Stage) -> Any:
+        row = self.base.get(stage.number)
+        if row is None:
+            table = self.table
+            values: list[float] = []
+            for offset, kernel in enumerate(stage.kernels):
+                position = stage.first_entry + offset
+                entry = table.route.entries[position]
+                named = kernel.scalars(entry.rule, table.entry_states[position][0], table.dtype)
+                if offset == 0:  # a reduction before it may give some of them (`rows`)
+                    values.extend(float(named.get(name, math.nan)) for name in kernel.scalar_names)
+                else:
+                    values.extend(float(named[name]) for name in kernel.scalar_names)
+            row = self.base[stage.number] = np.array(values, dtype=table.dtype)
+        return row
+
+    def rows(self, stage: _Stage, extra: Sequence[Any] | None) -> Any:
+        """Per array, the stage's scalars, those of its first kernel as a reduction gave them."""
+        row = self.row(stage)
+        rows = np.empty((self.table.count, max(1, row.size)), dtype=self.table.dtype)
+        rows[:, : row.size] = row
+        if extra is not None and stage.kernels:
+            names = stage.kernels[0].scalar_names
+            given = {name for named in extra for name in named}
+            for name in given & set(names):
+                column = names.index(name)
+                rows[:, column] = [float(named[name]) if name in named else row[column] for named in extra]
+        return rows
+
+
+def _run(table: Table, stage: _Stage, rows: Any, measures: Sequence[Any]) -> Any:
+    """The stage over every array, one call per thread; per chunk, its measures."""
+    pairs = [_kind(measure.p) for measure in measures]
+    kinds = tuple((measure.of, kind) for measure, (kind, _) in zip(measures, pairs))
+    ps = np.array([power for _, power in pairs], dtype=np.float64)
+    function = table_function(stage.kernels, stage.boundary is None, kinds)
+    addresses = table.addresses[stage.number]
+    accumulators = [
+        np.zeros((len(chunks), max(1, len(measures))), dtype=np.float64) for chunks in table.chunks
+    ]
+    run_together(
+        [
+            partial(function, chunks, rows, addresses, acc, ps)
+            for chunks, acc in zip(table.chunks, accumulators)
+        ]
+    )
+    return np.concatenate(accumulators)
+
+
+def _measure_and_finish(
+    table: Table, stage: _Stage, scalars: _Scalars, extra: dict[int, Any], commits: list[Any]
+) -> list[bool] | None:
+    """Run the stage into scratch, measuring; then its reduction's finish.  Returns which
+    arrays the reduction skipped, or `None` if it skipped none."""
+    boundary = stage.boundary
+    assert boundary is not None
+    measures = boundary.reduce.measures(boundary.rule)
+    parts = _run(table, stage, scalars.rows(stage, extra.get(stage.number)), measures)
+    values = np.zeros((table.count, parts.shape[1]), dtype=np.float64)
+    for m, measure in enumerate(measures):
+        if measure.p == float("inf"):
+            np.maximum.at(values[:, m], table.chunk_arrays, parts[:, m])
+        else:
+            np.add.at(values[:, m], table.chunk_arrays, parts[:, m])
+    measured = values[:, : len(measures)].tolist()
+    states = table.boundary_states[stage.number]
+    finish = boundary.reduce.finish
+    if boundary.reduce.scope == "tree":
+        outcomes = [finish(boundary.rule, states, measured, table.dtypes, table.paths)]
+        sizes = [table.count]
+    else:
+        outcomes = [
+            finish(boundary.rule, [state], [value], [table.dtype], [path])
+            for state, value, path in zip(states, measured, table.paths)
+        ]
+        sizes = [1] * table.count
+    given: list[Any] = []
+    skipped: list[bool] = []
+    for outcome, size in zip(outcomes, sizes):
+        if outcome.commit is not None:
+            commits.append(outcome.commit)
+        if outcome.scalars is None:
+            given.extend(repeat({}, size))
+            skipped.extend(repeat(True, size))
+        else:
+            given.extend(outcome.scalars)
+            skipped.extend(repeat(False, size))
+    if any(given):
+        extra[stage.number + 1] = given
+    return skipped if any(skipped) else None
