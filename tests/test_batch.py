@@ -61,18 +61,24 @@ def fused_on(monkeypatch):
     monkeypatch.setattr(_fused, "MODE", "auto")
 
 
+def spy_on(monkeypatch, module, name, taken=lambda result: result is not None):
+    """Replace `module.name` by a spy; returns its list of `taken(result)`, one per call."""
+    results = []
+    original = getattr(module, name)
+
+    def spy(*args):
+        result = original(*args)
+        results.append(taken(result))
+        return result
+
+    monkeypatch.setattr(module, name, spy)
+    return results
+
+
 @pytest.fixture
 def batched(monkeypatch):
     """Per call of the batched step: True where it took the step."""
-    results = []
-    original = batch.step_
-
-    def spy(*args):
-        results.append(original(*args))
-        return results[-1]
-
-    monkeypatch.setattr(batch, "step_", spy)
-    return results
+    return spy_on(monkeypatch, batch, "step_", bool)
 
 
 def model(dtype=np.float32, seed=0):
@@ -111,11 +117,12 @@ def gradients(params, step, dtype=None):
     return walk(params)
 
 
-def run(make, steps=STEPS, *, batching=True, between=None, grads=gradients, dtype=np.float32):
+def run(make, steps=STEPS, *, batching=True, replaying=True, between=None, grads=gradients, dtype=np.float32):
     """The optimiser and params after `steps` steps; `between(step, opt, params)` runs before
     each step and may return a new params dict."""
-    saved = batch.BATCH_MIN
+    saved = batch.BATCH_MIN, replay.ENABLED
     batch.BATCH_MIN = batch.BATCH_MIN if batching else 10**9
+    replay.ENABLED = replaying
     try:
         opt, params = make(), model(dtype)
         for step in range(steps):
@@ -123,8 +130,19 @@ def run(make, steps=STEPS, *, batching=True, between=None, grads=gradients, dtyp
             params = changed if isinstance(changed, dict) else params
             co.update_(opt, params, grads(params, step))
     finally:
-        batch.BATCH_MIN = saved
+        batch.BATCH_MIN, replay.ENABLED = saved
     return opt, params
+
+
+def assert_same_either_way(taken, make, off, **options):
+    """`make`'s steps with `options`, then with the way they were taken switched `off` (a
+    `run` option): the same parameters and states, bit for bit.  `taken` (a spy's list) must
+    show that the way was live from the third step on."""
+    opt, params = run(make, **options)
+    assert taken[2:4] == [True, True]
+    reference_opt, reference = run(make, **options, **off)
+    assert_same(params, reference)
+    assert_same_states(opt, params, reference_opt, reference)
 
 
 def both_ways(make_params, make_grads):
@@ -390,11 +408,7 @@ def test_changes_between_steps(change, batched):
         return CHANGES[change](opt, params) if step == 4 else None
 
     make = lambda: co.Optimiser(co.WeightDecay(1e-2), co.Adam(0.1))  # noqa: E731
-    opt, params = run(make, between=between)
-    assert batched[2:4] == [True, True]
-    reference_opt, reference = run(make, batching=False, between=between)
-    assert_same(params, reference)
-    assert_same_states(opt, params, reference_opt, reference)
+    assert_same_either_way(batched, make, {"batching": False}, between=between)
 
 
 def test_a_missing_gradient_skips_its_parameter(batched):
@@ -581,39 +595,13 @@ STAGED_CASES = [
 @pytest.fixture
 def replayed(monkeypatch):
     """Per step that had a replay: True where it proved the step the one it kept."""
-    results = []
-    original = replay.proof
-
-    def spy(*args):
-        proved = original(*args)
-        results.append(proved is not None)
-        return proved
-
-    monkeypatch.setattr(replay, "proof", spy)
-    return results
-
-
-def replay_run(make, steps=STEPS, *, replaying=True, between=None, grads=gradients, dtype=np.float32):
-    saved, replay.ENABLED = replay.ENABLED, replaying
-    try:
-        opt, params = make(), model(dtype)
-        for step in range(steps):
-            changed = between(step, opt, params) if between is not None else None
-            params = changed if isinstance(changed, dict) else params
-            co.update_(opt, params, grads(params, step))
-    finally:
-        replay.ENABLED = saved
-    return opt, params
+    return spy_on(monkeypatch, replay, "proof")
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("case", STAGED_CASES)
 def test_every_staged_case_replayed_equals_the_ordinary_step(case, dtype, replayed):
-    opt, params = replay_run(CASES[case], dtype=dtype)
-    assert replayed[2:] == [True] * (STEPS - 2)
-    reference_opt, reference = replay_run(CASES[case], replaying=False, dtype=dtype)
-    assert_same(params, reference)
-    assert_same_states(opt, params, reference_opt, reference)
+    assert_same_either_way(replayed, CASES[case], {"replaying": False}, dtype=dtype)
 
 
 def test_groups_are_replayed(replayed):
@@ -625,11 +613,7 @@ def test_groups_are_replayed(replayed):
             ),
         )
 
-    opt, params = replay_run(make)
-    assert replayed[2:] == [True] * (STEPS - 2)
-    reference_opt, reference = replay_run(make, replaying=False)
-    assert_same(params, reference)
-    assert_same_states(opt, params, reference_opt, reference)
+    assert_same_either_way(replayed, make, {"replaying": False})
 
 
 @pytest.mark.parametrize("change", CHANGES)
@@ -640,11 +624,7 @@ def test_changes_between_replayed_steps(change, replayed):
 
     # Adam's state second in the chain's, where the changes reach for it.
     make = lambda: co.Optimiser(co.WeightDecay(1e-2), co.Adam(0.1), co.ClipNorm(0.05, throw=False))  # noqa: E731
-    opt, params = replay_run(make, between=between)
-    assert replayed[2:4] == [True, True]
-    reference_opt, reference = replay_run(make, replaying=False, between=between)
-    assert_same(params, reference)
-    assert_same_states(opt, params, reference_opt, reference)
+    assert_same_either_way(replayed, make, {"replaying": False}, between=between)
 
 
 def test_a_skipped_step_and_a_refused_one_leave_the_replay_right(replayed):
@@ -714,18 +694,10 @@ TABLED_CASES = [
 def test_one_route_plans_are_replayed_as_tables(case, monkeypatch):
     """Plans without groups or whole-rule kernels take their repeat steps as tables, one call
     per stage; the result is that of the replay's jobs to the last bit."""
-    runs = []
-    original = table.run_table
-
-    def spy(*args):
-        commits = original(*args)
-        runs.append(commits is not None)
-        return commits
-
-    monkeypatch.setattr(table, "run_table", spy)
-    opt, params = replay_run(CASES[case])
+    runs = spy_on(monkeypatch, table, "run_table")
+    opt, params = run(CASES[case])
     assert runs == [True] * (STEPS - 2)
     monkeypatch.setattr(table, "TABLE_MIN", 10**9)
-    reference_opt, reference = replay_run(CASES[case])
+    reference_opt, reference = run(CASES[case])
     assert_same(params, reference)
     assert_same_states(opt, params, reference_opt, reference)

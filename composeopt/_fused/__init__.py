@@ -166,7 +166,7 @@ def step_(fused: Plan, opt: Rule, store: StateStore, leaves: Sequence[Any]) -> b
 def _known_plan(fused: Plan, store: StateStore) -> Plan:
     # The last plan rides on the store (it refers to the rules, and so to the optimiser that
     # owns the store: a cycle, which the garbage collector takes with the optimiser).
-    last = getattr(store, "_fused_plan", None)
+    last: Plan | None = getattr(store, "_fused_plan", None)
     if last is not None and last == fused:
         return last  # its routes, and what was checked against them, are known
     store._fused_plan = fused  # type: ignore[attr-defined]

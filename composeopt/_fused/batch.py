@@ -34,16 +34,15 @@ from __future__ import annotations
 import weakref
 from collections.abc import Sequence
 from functools import partial
-from itertools import repeat
-from operator import is_, itemgetter
 from typing import Any
 
 import numpy as np
 
 from .. import check
 from .._memory import DTYPE, OBJECT, readable_in_place
-from ..rule import Rule, State, keep_hyperparameters, start_step
+from ..rule import Rule, keep_hyperparameters, start_step
 from ..store import StateStore
+from .held import Held, disjoint, fit
 from .kernel import Kernel
 from .plan import Entry, Plan, make_plan
 from .threads import run_together, shares
@@ -68,30 +67,12 @@ class Batch:
         self.function = batch_function(tuple(entry.kernel for entry in entries), True)
         self.dtype = xs[0].dtype
         # Per entry of the plan: every array's state of that rule, its arrays and its counter.
-        # A State keeps its fields in its __dict__, which it never replaces; reading them
-        # from there skips getattr's lookup in the class, a third of the cost per field.
         self.rule_states = [[job.rule_states[position] for job in jobs] for position in range(len(entries))]
-        fields = [
-            [vars(state) for state in states] if entry.kernel.state or entry.kernel.counter else []
-            for entry, states in zip(entries, self.rule_states)
-        ]
-        self.arrays = [
-            (itemgetter(name), dicts, [state[name] for state in dicts])
-            for entry, dicts in zip(entries, fields)
-            for name in entry.kernel.state
-        ]
-        self.counters = [
-            [itemgetter(entry.kernel.counter), entry.kernel.counter, dicts, dicts[0][entry.kernel.counter]]
-            for entry, dicts in zip(entries, fields)
-            if entry.kernel.counter is not None
-        ]
-        for _, name, dicts, value in self.counters:
-            for state in dicts:  # one int object for all, so that `is` can tell that none changed
-                state[name] = value
+        self.held = Held(entries, self.rule_states)
         self.addresses = np.array(
-            [[x.ctypes.data, *(held[i].ctypes.data for _, _, held in self.arrays)] for i, x in enumerate(xs)],
+            [[x.ctypes.data, *(a[i].ctypes.data for _, _, a in self.held.arrays)] for i, x in enumerate(xs)],
             dtype=np.int64,
-        ).reshape(len(xs), 1 + len(self.arrays))
+        ).reshape(len(xs), 1 + len(self.held.arrays))
         self.chunks = [
             np.array(share, dtype=np.int64).reshape(-1, 3) for share in shares([x.size for x in xs])
         ]
@@ -111,14 +92,7 @@ class Batch:
         and return `True`; else change nothing."""
         if seen is not self.seen or _key(fused.entries) != self.key:
             return False
-        try:
-            for getter, dicts, held in self.arrays:  # a state array replaced by hand
-                if not all(map(is_, map(getter, dicts), held)):
-                    return False
-            for getter, _, dicts, value in self.counters:
-                if not all(map(is_, map(getter, dicts), repeat(value))):
-                    return False
-        except KeyError:  # a field deleted by hand
+        if not self.held.unchanged():  # a state array or a count replaced by hand
             return False
         # The kernel reads each gradient where it is, while it writes parameters and states.
         return readable_in_place(
@@ -175,26 +149,14 @@ def remember(fused: Plan, store: StateStore, jobs: Sequence[Any]) -> None:
         return
     if not np.array_equal(seen.gradient_dtypes, seen.parameters[:, DTYPE]):
         return  # gradients of another dtype: the kernel reads them as the parameters' dtype
-    for position, entry in enumerate(fused.entries):
-        states = [job.rule_states[position] for job in jobs]
-        counter = entry.kernel.counter
-        if (entry.kernel.state or counter) and any(type(state) is not State for state in states):
-            return  # fields that may not live in the state's __dict__
-        if counter is not None:
-            values = [getattr(state, counter) for state in states]
-            if any(type(value) is not int for value in values) or len(set(values)) != 1:
-                return
+    if not fit(fused.entries, [[job.rule_states[p] for job in jobs] for p in range(len(fused.entries))]):
+        return
     written = [array for job in jobs for array in (job.x, *job.arrays)]
     if not all(array.flags.aligned for array in written):
         return  # the kernel's loads and stores through plain pointers assume aligned elements
-    if not _disjoint(written):
+    if not disjoint(written):
         return  # arrays that share memory: threads would race on it
     _batches[store] = Batch(fused, jobs, seen)
-
-
-def _disjoint(xs: list[Any]) -> bool:
-    spans = sorted((x.ctypes.data, x.ctypes.data + x.nbytes) for x in xs if x.nbytes)
-    return all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))
 
 
 def step_(fused: Plan, opt: Rule, store: StateStore, params: Any, grads: Any) -> bool:
@@ -218,25 +180,17 @@ def step_(fused: Plan, opt: Rule, store: StateStore, params: Any, grads: Any) ->
         if make_plan(opt) != fused:  # begin_step changed which kernels apply
             restore()
             return False
-        _advance(batch, 1)
+        batch.held.advance(1)
         advanced = True
         k = np.array(_scalars(fused, batch), dtype=batch.dtype)
     except BaseException:
         restore()
         if advanced:
-            _advance(batch, -1)
+            batch.held.advance(-1)
         raise
     batch.run(k)
     store.step = step
     return True
-
-
-def _advance(batch: Batch, by: int) -> None:
-    for counter in batch.counters:
-        _, name, dicts, value = counter
-        counter[3] = value = value + by
-        for state in dicts:
-            state[name] = value
 
 
 def _scalars(fused: Plan, batch: Batch) -> list[float]:

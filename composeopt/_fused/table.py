@@ -36,15 +36,14 @@ import math
 from collections.abc import Callable, Sequence
 from functools import partial
 from itertools import repeat
-from operator import is_, itemgetter
 from typing import Any
 
 import numpy as np
 
 from .. import check
 from .._memory import readable_in_place
-from ..rule import State
 from ..store import StateStore
+from .held import Held, disjoint, fit
 from .jobs import Job
 from .numba_backend import _kind, table_function
 from .plan import Route, stateless
@@ -88,23 +87,7 @@ class Table:
         self.boundary_states = [
             [job.boundary_states[b] for job in jobs] for b in range(len(route.boundaries))
         ]
-        fields = [
-            [vars(state) for state in states] if entry.kernel.state or entry.kernel.counter else []
-            for entry, states in zip(route.entries, self.entry_states)
-        ]
-        self.arrays = [
-            (itemgetter(name), dicts, [state[name] for state in dicts])
-            for entry, dicts in zip(route.entries, fields)
-            for name in entry.kernel.state
-        ]
-        self.counters = [
-            [itemgetter(entry.kernel.counter), entry.kernel.counter, dicts, dicts[0][entry.kernel.counter]]
-            for entry, dicts in zip(route.entries, fields)
-            if entry.kernel.counter is not None
-        ]
-        for _, name, dicts, value in self.counters:
-            for state in dicts:  # one int object for all, so that `is` can tell that none changed
-                state[name] = value
+        self.held = Held(route.entries, self.entry_states)
         held = [job.arrays for job in jobs]  # every entry's state arrays, 1-d, in route order
         self.nbytes = np.array([x.nbytes for x in xs], dtype=np.int64)
         written = [x.ctypes.data for x in xs] + [a.ctypes.data for arrays in held for a in arrays]
@@ -143,14 +126,7 @@ class Table:
         if so, their addresses are written into the table."""
         if seen is not self.seen:
             return False
-        try:
-            for getter, dicts, held in self.arrays:  # a state array replaced by hand
-                if not all(map(is_, map(getter, dicts), held)):
-                    return False
-            for getter, _, dicts, value in self.counters:
-                if not all(map(is_, map(getter, dicts), repeat(value))):
-                    return False
-        except KeyError:  # a field deleted by hand
+        if not self.held.unchanged():  # a state array or a count replaced by hand
             return False
         for boundary, states in zip(self.route.boundaries, self.boundary_states):
             if not all(map(boundary.reduce.state_ok, states, xs)):
@@ -182,20 +158,12 @@ def make_table(
     dtype = jobs[0].x.dtype
     if any(job.x.dtype != dtype for job in jobs):
         return None
-    for position, entry in enumerate(route.entries):
-        states = [job.entry_states[position] for job in jobs]
-        counter = entry.kernel.counter
-        if (entry.kernel.state or counter) and any(type(state) is not State for state in states):
-            return None  # fields that may not live in the state's __dict__
-        if counter is not None:
-            values = [getattr(state, counter) for state in states]
-            if any(type(value) is not int for value in values) or len(set(values)) != 1:
-                return None
+    if not fit(route.entries, [[job.entry_states[p] for job in jobs] for p in range(len(route.entries))]):
+        return None
     written = [array for job in jobs for array in (job.x, *job.arrays)]
     if not all(array.flags.aligned for array in written):
         return None
-    spans = sorted((a.ctypes.data, a.ctypes.data + a.nbytes) for a in written if a.nbytes)
-    if not all(end <= start for (_, end), (start, _) in zip(spans, spans[1:])):
+    if not disjoint(written):
         return None  # arrays that share memory: threads would race on it
     needed = sum(1 for stage in route.stages[:-1] if stage.entries)
     buffers = [[scratch(job.leaf.x, number) for job in jobs] for number in range(min(needed, 2))]
@@ -212,20 +180,20 @@ def run_table(table: Table, store: StateStore) -> list[Any] | None:
     scalars = _Scalars(table)
     commits: list[Any] = []
     extra: dict[int, Any] = {}  # stage number -> per array, the scalars a reduction gave
-    _advance(table, 1)
+    table.held.advance(1)
     try:
         for number in range(decided + 1):
             skipped = _measure_and_finish(table, table.stages[number], scalars, extra, commits)
             if skipped is not None:
                 if not all(skipped):  # some arrays only: the replay's jobs take it
-                    _advance(table, -1)
+                    table.held.advance(-1)
                     return None
-                _advance(table, -1)
+                table.held.advance(-1)
                 return commits  # every array skipped: nothing more changes
         for stage in table.stages:
             scalars.row(stage)
     except BaseException:
-        _advance(table, -1)
+        table.held.advance(-1)
         raise
     for stage in table.stages[decided + 1 :]:
         if stage.boundary is None:
@@ -234,14 +202,6 @@ def run_table(table: Table, store: StateStore) -> list[Any] | None:
             skipped = _measure_and_finish(table, stage, scalars, extra, commits)
             assert skipped is None, "only a deciding reduction skips"
     return commits
-
-
-def _advance(table: Table, by: int) -> None:
-    for counter in table.counters:
-        _, name, dicts, value = counter
-        counter[3] = value = value + by
-        for state in dicts:
-            state[name] = value
 
 
 class _Scalars:
