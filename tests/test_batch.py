@@ -23,7 +23,7 @@ import pytest
 
 import composeopt as co
 from composeopt import _fused
-from composeopt._fused import batch, replay, table, threads
+from composeopt._fused import batch, replay, threads
 from composeopt.errors import ShapeMismatchError, UnsupportedArrayError
 from composeopt.registry import CASES
 
@@ -694,6 +694,8 @@ TABLED_CASES = [
 def test_one_route_plans_are_replayed_as_tables(case, monkeypatch):
     """Plans without groups or whole-rule kernels take their repeat steps as tables, one call
     per stage; the result is that of the replay's jobs to the last bit."""
+    from composeopt._fused import table  # numba's
+
     runs = spy_on(monkeypatch, table, "run_table")
     opt, params = run(CASES[case])
     assert runs == [True] * (STEPS - 2)
