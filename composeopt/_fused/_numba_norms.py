@@ -36,8 +36,20 @@ def power(lo: int, hi: int, a: Any, p: float, kind: int) -> float:  # pragma: no
         for i in range(a.shape[0]):
             total += abs(np.float64(a[i])) ** p
     else:
-        for i in range(a.shape[0]):
+        # Four interleaved quarters: one stream of reads gets about two thirds of what four
+        # get from memory, and this pass does nothing but read.  Its sum is exact (zeros, or
+        # NaN), so neither the split nor the vectorisation can change it.
+        q = a.shape[0] // 4
+        b, c, d = a[q:], a[2 * q :], a[3 * q :]
+        t1 = t2 = t3 = 0.0
+        for i in range(q):
             total += np.float64(a[i]) * 0.0
+            t1 += np.float64(b[i]) * 0.0
+            t2 += np.float64(c[i]) * 0.0
+            t3 += np.float64(d[i]) * 0.0
+        for i in range(4 * q, a.shape[0]):
+            total += np.float64(a[i]) * 0.0
+        total += t1 + t2 + t3
     return total
 
 

@@ -5,10 +5,16 @@ path and time stamp; a function made with `exec` cannot be cached.  So each
 generated module is written once to a file named after the hash of its
 source, and imported from there: the next process finds both the file and
 numba's compiled code, and does not compile again.
+
+Generated code calls the numba helpers of this package (`_numba_*.py`), and
+numba compiles them into it; its cache checks only the generated file's own
+time stamp.  So the hash covers those helpers' sources too: a release that
+changes a helper gets new files, never a kernel compiled with the old one.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import os
@@ -18,7 +24,7 @@ import threading
 from pathlib import Path
 from types import ModuleType
 
-__all__ = ["load_module"]
+__all__ = ["helpers_digest", "load_module"]
 
 # A module is in sys.modules before its code has run: two threads' first steps (ranks of a
 # job run as threads, or two optimisers) must not see it half made.
@@ -45,9 +51,18 @@ def _directory() -> Path | None:
     return None
 
 
+@functools.cache
+def helpers_digest(folder: Path = Path(__file__).parent) -> bytes:
+    """The digest of the numba helpers (`folder`'s `_numba_*.py`) that generated code imports."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("_numba_*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.digest()
+
+
 def load_module(source: str, prefix: str) -> ModuleType:
     """Import `source` as a module backed by a file (without one, numba's cache is turned off)."""
-    name = f"{prefix}_{hashlib.sha256(source.encode()).hexdigest()[:24]}"
+    name = f"{prefix}_{hashlib.sha256(helpers_digest() + source.encode()).hexdigest()[:24]}"
     with _loading:
         if name in sys.modules:
             return sys.modules[name]
