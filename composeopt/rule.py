@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
+import itertools
 import math
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -49,6 +50,28 @@ class State(SimpleNamespace):
         >>> state
         State(t=1)
     """
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)
+        _last_change[0] = next(_changes)
+
+    def __delattr__(self, name: str) -> None:
+        super().__delattr__(name)
+        _last_change[0] = next(_changes)
+
+
+# Every field set or deleted on any State draws a fresh number, so a repeat step that holds
+# state arrays by address can tell with one comparison that no field moved since it last
+# looked.  `next` on a count is atomic, and each number is stored by the one thread that drew
+# it, so a number once replaced never comes back.
+_changes = itertools.count(1)
+_last_change = [0]
+
+
+def state_changes() -> int:
+    """A number that differs from every earlier one once any `State`'s field was set or deleted
+    (through attribute access: writes into its `__dict__` are not seen)."""
+    return _last_change[0]
 
 
 class Replace:

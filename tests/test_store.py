@@ -144,3 +144,20 @@ def test_version_moves_with_every_change_to_what_the_store_holds():
     assert moved()
     store.frozen.set(y, True)
     assert not moved() and store.frozen.version == 1  # frozen marks keep their own version
+
+
+def test_state_changes_moves_with_every_field_set_or_deleted():
+    from composeopt.rule import state_changes
+
+    state = co.State(t=0)
+    seen = {state_changes()}
+    state.t += 1
+    seen.add(state_changes())
+    state.mu = np.zeros(2)
+    seen.add(state_changes())
+    del state.mu
+    seen.add(state_changes())
+    assert len(seen) == 4
+    now = state_changes()
+    assert state.t == 1  # reading is not a change
+    assert state_changes() == now and vars(state) == {"t": 1}
