@@ -703,3 +703,33 @@ def test_one_route_plans_are_replayed_as_tables(case, monkeypatch):
     reference_opt, reference = run(CASES[case])
     assert_same(params, reference)
     assert_same_states(opt, params, reference_opt, reference)
+
+
+MEASURING_ONLY = {
+    "Lars": (lambda: co.Lars(0.1, lambda_=1e-3), [True, False]),
+    "after a clip": (lambda: co.Optimiser(co.ClipGlobalNorm(1.0), co.Lars(0.1)), [False, True, False]),
+    "two in a row": (
+        lambda: co.Optimiser(co.WeightDecay(0.01), co.ClipNorm(1.0), co.ClipGlobalNorm(0.5), co.Descent(0.1)),
+        [True, True, False],
+    ),
+    "a stateful stage keeps its output": (lambda: co.Lamb(0.1), [False, False]),
+}
+
+
+@pytest.mark.parametrize("case", MEASURING_ONLY)
+def test_stateless_measured_stages_are_made_again_by_the_next(case, monkeypatch):
+    """A table stage of stateless kernels before a reduction only measures; the next stage
+    runs its kernels again, with the scalars of every reduction before it, to the same bits."""
+    from composeopt._fused import table  # numba's
+
+    make, expected = MEASURING_ONLY[case]
+    routes = spy_on(
+        monkeypatch, table, "make_table", taken=lambda made: made and table.measured_only(made.route)
+    )
+    runs = spy_on(monkeypatch, table, "run_table")
+    opt, params = run(make)
+    assert runs == [True] * (STEPS - 2) and routes == [expected]
+    monkeypatch.setattr(table, "TABLE_MIN", 10**9)
+    reference_opt, reference = run(make)
+    assert_same(params, reference)
+    assert_same_states(opt, params, reference_opt, reference)

@@ -243,20 +243,28 @@ def _larger(total, value):
 """
 
 
-def table_source(kernels: tuple[Kernel, ...], to_x: bool, measures: tuple[tuple[str, int], ...]) -> str:
+def table_source(
+    kernels: tuple[Kernel, ...], to_x: bool, measures: tuple[tuple[str, int], ...], keep: bool = True
+) -> str:
     """One stage over many arrays at once, from a table (see `.table`).
 
-    `table(chunks, ks, addresses, acc, ps)`: for each row `(j, lo, hi)` of `chunks`, the
-    stage's own loop (that of `stage_source`) runs over elements `lo:hi` of array `j`, whose
-    row of `addresses` holds the addresses of the stage's input, of `x`, of its output and of
-    each state array, and whose scalars are `ks[j]`.  Per `(of, kind)` of `measures`,
+    `table(chunks, ks, addresses, acc, ps, block)`: for each row `(j, lo, hi)` of `chunks`,
+    the stage's own loop (that of `stage_source`) runs over elements `lo:hi` of array `j`,
+    whose row of `addresses` holds the addresses of the stage's input, of `x`, of its output
+    and of each state array, and whose scalars are `ks[j]`.  Per `(of, kind)` of `measures`,
     `acc[c, m]` gets `_numba_norms.power`'s kind of chunk `c` of the output (`of == "d"`) or
     of `x`, block by block as in `measured_stage_source`; a stage without kernels only
     measures its input, over the whole chunk, as `powers` does.
+
+    Without `keep`, a measured stage (stateless) writes each block into `block`
+    (`MEASURE_BLOCK` elements, in cache) instead of its output, and measures it there: the
+    next stage makes the same values again from the same input, which costs less than
+    writing them out and reading them back.
     """
     names = list(rule_names(kernels))
     states = [n.array(s) for n in names for s in n.kernel.state]
-    lines = ["def table(chunks, ks, addresses, acc, ps):", "    size = ks.itemsize"]
+    assert keep or (measures and kernels and not states and not to_x), "only a stateless measured stage"
+    lines = ["def table(chunks, ks, addresses, acc, ps, block):", "    size = ks.itemsize"]
     lines.append("    for c in range(chunks.shape[0]):")
     lines.append("        j, lo, hi = chunks[c, 0], chunks[c, 1], chunks[c, 2]")
     lines.append("        k = ks[j]")
@@ -275,9 +283,14 @@ def table_source(kernels: tuple[Kernel, ...], to_x: bool, measures: tuple[tuple[
     else:
         lines.append(f"        for start in range(0, hi - lo, {MEASURE_BLOCK}):")
         lines.append(f"            stop = min(start + {MEASURE_BLOCK}, hi - lo)")
-        lines.append(f"            stage(start, stop, g, x, out, k{arguments})")
+        if keep:
+            lines.append(f"            stage(start, stop, g, x, out, k{arguments})")
+            output = "start, stop, out"
+        else:
+            lines.append("            stage(0, stop - start, g[start:stop], x[start:stop], block, k)")
+            output = "0, stop - start, block"
         for m, (of, kind) in enumerate(measures):
-            part = f"power(start, stop, {'out' if of == 'd' else 'x'}, ps[{m}], {kind})"
+            part = f"power({output if of == 'd' else 'start, stop, x'}, ps[{m}], {kind})"
             if kind == 2:
                 lines.append(f"            acc[c, {m}] = _larger(acc[c, {m}], {part})")
             else:
@@ -296,9 +309,9 @@ def table_source(kernels: tuple[Kernel, ...], to_x: bool, measures: tuple[tuple[
 
 @cache
 def table_function(
-    kernels: tuple[Kernel, ...], to_x: bool, measures: tuple[tuple[str, int], ...]
+    kernels: tuple[Kernel, ...], to_x: bool, measures: tuple[tuple[str, int], ...], keep: bool = True
 ) -> Callable[..., None]:
-    module = load_module(table_source(kernels, to_x, measures), "composeopt_table")
+    module = load_module(table_source(kernels, to_x, measures, keep), "composeopt_table")
     function: Callable[..., None] = module.table
     return function
 

@@ -76,10 +76,11 @@ class Reduce:
     Args:
         measures: `measures(rule) -> tuple[Measure, ...]`, what to measure per array.
         finish: `finish(rule, states, values, dtypes, paths) -> Outcome` for the arrays
-            that meet at this reduction (one array for `scope="array"`, every array
-            that reaches the rule for `scope="tree"`): their rule states, their measures
-            (in the order of `measures`), dtypes and paths.  It may raise a
-            `ComposeoptError`, or skip, only if `decisive` says so.
+            that meet at this reduction (for `scope="tree"`, every array that reaches
+            the rule; for `scope="array"`, one or many arrays, each to be decided on its
+            own): their rule states, their measures (in the order of `measures`), dtypes
+            and paths.  It may raise a `ComposeoptError` only if `decisive` says so, and
+            skip (`scalars=None`) only then and only for `scope="tree"`.
         scope: `"array"` or `"tree"`.
         decisive: `decisive(rule) -> bool`, whether `finish` may raise or skip.  A
             decisive reduction must come before any state is written this step: the

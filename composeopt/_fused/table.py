@@ -20,7 +20,9 @@ output, its states) and a row of scalars per array.  A step then
    the counters, which are put back on any error), then the scalars, then the
    stages in order, each measuring what its reduction needs as it writes, and
    each reduction's `finish` called as on the ordinary path, per array or for
-   the whole tree.
+   the whole tree.  A stage of stateless kernels before a reduction only
+   measures (in a block in cache, `measured_only`); the stage after it runs its
+   kernels again in front of its own.
 
 The stage's loop, the blocks it is measured in and the order in which the parts
 of a measure are added are those of the ordinary path, chunk for chunk, so the
@@ -45,7 +47,7 @@ from .._memory import readable_in_place
 from ..store import StateStore
 from .held import Held, disjoint, fit
 from .jobs import Job
-from .numba_backend import _kind, table_function
+from .numba_backend import MEASURE_BLOCK, _kind, table_function
 from .plan import Route, stateless
 from .threads import chunk_shares, run_together
 
@@ -59,16 +61,50 @@ GRADIENT = -1
 
 
 class _Stage:
-    """One stage of the route as the table runs it."""
+    """One stage of the route as the table runs it.
 
-    def __init__(self, route: Route, number: int, source: int, output: int | None) -> None:
+    A stage that only measures (`keep` false: see `measured_only`) writes no output; the
+    stage after it runs its kernels again in front of its own (`prefix`), from the same
+    input.  `readers`: per reduction whose scalars the stage's kernels read, the kernel's
+    index and the number of the stage that the scalars are given to."""
+
+    def __init__(
+        self,
+        route: Route,
+        number: int,
+        source: int,
+        output: int | None,
+        keep: bool = True,
+        prefix: _Stage | None = None,
+    ) -> None:
         stage = route.stages[number]
+        own = tuple(entry.kernel for entry in stage.entries)
         self.number = number
-        self.kernels = tuple(entry.kernel for entry in stage.entries)
+        self.kernels: tuple[Any, ...] = own if prefix is None else prefix.kernels + own
+        self.readers: list[tuple[int, int]] = [(0, number)]
+        if prefix is not None:
+            self.readers = [*prefix.readers, (len(prefix.kernels), number)]
         self.first_entry, self.first_array, self.last_array = route.starts[number]
+        if prefix is not None:
+            self.first_entry = prefix.first_entry
         self.source = source  # GRADIENT, or a scratch buffer's number
-        self.output = output  # a scratch buffer's number; None: it writes x (the last stage)
+        self.output = output  # a scratch buffer's number; None: it writes x (the last stage) or nothing
+        self.keep = keep
         self.boundary = route.boundaries[number] if number < len(route.boundaries) else None
+
+
+def measured_only(route: Route) -> list[bool]:
+    """Per stage, whether it only measures: a stage of stateless kernels with a reduction
+    after it, followed by a stage of kernels.  Its values cost less made again by the next
+    stage than written out and read back."""
+    stages = route.stages
+    return [
+        number < len(stages) - 1
+        and bool(stage.entries)
+        and bool(stages[number + 1].entries)
+        and stateless(stage)
+        for number, stage in enumerate(stages)
+    ]
 
 
 class Table:
@@ -99,13 +135,16 @@ class Table:
             np.array(share, dtype=np.int64).reshape(-1, 3) for share in chunk_shares([x.size for x in xs])
         ]
         self.chunk_arrays = np.concatenate([chunks[:, 0] for chunks in self.chunks])
+        self.blocks = [np.empty(MEASURE_BLOCK, dtype=self.dtype) for _ in self.chunks]  # per thread
         self.stages: list[_Stage] = []
         self.addresses: list[Any] = []
         source = GRADIENT
-        for number, stage in enumerate(route.stages):
+        prefix: _Stage | None = None
+        for number, (stage, only) in enumerate(zip(route.stages, measured_only(route))):
             last = number == len(route.stages) - 1
-            output = None if last else (source + 1) % 2 if stage.entries else None
-            plan = _Stage(route, number, source, output)
+            output = None if last or only else (source + 1) % 2 if stage.entries else None
+            plan = _Stage(route, number, source, output, not only, prefix)
+            prefix = plan if only else None
             self.stages.append(plan)
             columns = [
                 np.zeros(self.count, np.int64) if source == GRADIENT else _addresses(buffers[source]),
@@ -165,7 +204,9 @@ def make_table(
         return None
     if not disjoint(written):
         return None  # arrays that share memory: threads would race on it
-    needed = sum(1 for stage in route.stages[:-1] if stage.entries)
+    needed = sum(
+        1 for stage, only in zip(route.stages[:-1], measured_only(route)) if stage.entries and not only
+    )
     buffers = [[scratch(job.leaf.x, number) for job in jobs] for number in range(min(needed, 2))]
     return Table(route, seen, jobs, buffers)
 
@@ -197,7 +238,7 @@ def run_table(table: Table, store: StateStore) -> list[Any] | None:
         raise
     for stage in table.stages[decided + 1 :]:
         if stage.boundary is None:
-            _run(table, stage, scalars.rows(stage, extra.get(stage.number)), ())
+            _run(table, stage, scalars.rows(stage, extra), ())
         else:
             skipped = _measure_and_finish(table, stage, scalars, extra, commits)
             assert skipped is None, "only a deciding reduction skips"
@@ -220,23 +261,28 @@ class _Scalars:
                 position = stage.first_entry + offset
                 entry = table.route.entries[position]
                 named = kernel.scalars(entry.rule, table.entry_states[position][0], table.dtype)
-                if offset == 0:  # a reduction before it may give some of them (`rows`)
+                if offset in dict(stage.readers):  # a reduction before it may give some (`rows`)
                     values.extend(float(named.get(name, math.nan)) for name in kernel.scalar_names)
                 else:
                     values.extend(float(named[name]) for name in kernel.scalar_names)
             row = self.base[stage.number] = np.array(values, dtype=table.dtype)
         return row
 
-    def rows(self, stage: _Stage, extra: Sequence[Any] | None) -> Any:
-        """Per array, the stage's scalars, those of its first kernel as a reduction gave them."""
+    def rows(self, stage: _Stage, extras: dict[int, Any]) -> Any:
+        """Per array, the stage's scalars, those of its readers as the reductions gave them
+        (`extras[stage number]`: per array, a reduction's scalars for that stage)."""
         row = self.row(stage)
         rows = np.empty((self.table.count, max(1, row.size)), dtype=self.table.dtype)
         rows[:, : row.size] = row
-        if extra is not None and stage.kernels:
-            names = stage.kernels[0].scalar_names
+        for reader, number in stage.readers:
+            extra = extras.get(number)
+            if extra is None or reader >= len(stage.kernels):
+                continue
+            names = stage.kernels[reader].scalar_names
+            start = sum(len(kernel.scalar_names) for kernel in stage.kernels[:reader])
             given = {name for named in extra for name in named}
             for name in given & set(names):
-                column = names.index(name)
+                column = start + names.index(name)
                 rows[:, column] = [float(named[name]) if name in named else row[column] for named in extra]
         return rows
 
@@ -246,15 +292,15 @@ def _run(table: Table, stage: _Stage, rows: Any, measures: Sequence[Any]) -> Any
     pairs = [_kind(measure.p) for measure in measures]
     kinds = tuple((measure.of, kind) for measure, (kind, _) in zip(measures, pairs))
     ps = np.array([power for _, power in pairs], dtype=np.float64)
-    function = table_function(stage.kernels, stage.boundary is None, kinds)
+    function = table_function(stage.kernels, stage.boundary is None, kinds, stage.keep)
     addresses = table.addresses[stage.number]
     accumulators = [
         np.zeros((len(chunks), max(1, len(measures))), dtype=np.float64) for chunks in table.chunks
     ]
     run_together(
         [
-            partial(function, chunks, rows, addresses, acc, ps)
-            for chunks, acc in zip(table.chunks, accumulators)
+            partial(function, chunks, rows, addresses, acc, ps, block)
+            for chunks, acc, block in zip(table.chunks, accumulators, table.blocks)
         ]
     )
     return np.concatenate(accumulators)
@@ -268,7 +314,7 @@ def _measure_and_finish(
     boundary = stage.boundary
     assert boundary is not None
     measures = boundary.reduce.measures(boundary.rule)
-    parts = _run(table, stage, scalars.rows(stage, extra.get(stage.number)), measures)
+    parts = _run(table, stage, scalars.rows(stage, extra), measures)
     values = np.zeros((table.count, parts.shape[1]), dtype=np.float64)
     for m, measure in enumerate(measures):
         if measure.p == float("inf"):
@@ -281,12 +327,10 @@ def _measure_and_finish(
     if boundary.reduce.scope == "tree":
         outcomes = [finish(boundary.rule, states, measured, table.dtypes, table.paths)]
         sizes = [table.count]
-    else:
-        outcomes = [
-            finish(boundary.rule, [state], [value], [table.dtype], [path])
-            for state, value, path in zip(states, measured, table.paths)
-        ]
-        sizes = [1] * table.count
+    else:  # every array decided on its own, in one call
+        outcomes = [finish(boundary.rule, states, measured, table.dtypes, table.paths)]
+        assert outcomes[0].scalars is not None, "only a tree-wide reduction skips"
+        sizes = [table.count]
     given: list[Any] = []
     skipped: list[bool] = []
     for outcome, size in zip(outcomes, sizes):

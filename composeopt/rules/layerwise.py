@@ -70,6 +70,20 @@ def _trust_scaled(
 _NORMS = (Measure("d", 2), Measure("x", 2))
 
 
+def _trust_ratios(powers: Any, dtype: Any, coefficient: float, eps: float, min_norm: float) -> list[float]:
+    """`_trust_ratio` of each row `(‖u‖², ‖x‖²)` of `powers`, to the bits the generic path
+    gives each array.  There the norms are 0-d arrays of `dtype`, and NumPy computes with
+    such an array and a Python float in `work` (`dtype` under NumPy 2, float64 under the
+    value-based casting of NumPy 1); vectors of `work` round as those scalars do."""
+    work = np.maximum(np.zeros((), dtype=dtype), 0.0).dtype
+    with np.errstate(all="ignore"):  # a non-finite norm gives a NaN ratio, as there
+        u_norm = np.sqrt(powers[:, 0].astype(dtype)).astype(work)
+        x_norm = np.sqrt(powers[:, 1].astype(dtype)).astype(work)
+        ratio = _trust_ratio(np, x_norm, u_norm, coefficient, eps, min_norm)
+        values: list[float] = np.asarray(ratio).astype(dtype).tolist()
+    return values
+
+
 def _finish_trust(settings: Callable[[Any, Any], tuple[float, float, float]]) -> Reduce:
     """The reduction of a trust ratio: `ratio` for the next kernel, from the measured sums of
     squares of the update and of `x`; `settings(rule, dtype)` gives `(c, eps, min_norm)`."""
@@ -81,14 +95,13 @@ def _finish_trust(settings: Callable[[Any, Any], tuple[float, float, float]]) ->
         dtypes: Sequence[Any],
         paths: Sequence[str],
     ) -> Outcome:
-        scalars = []
-        for (u_power, x_power), dtype in zip(values, dtypes):
-            # The norms as the generic path has them: 0-d arrays of the parameter's dtype.
-            x_norm = np.sqrt(np.asarray(x_power, dtype=dtype))
-            u_norm = np.sqrt(np.asarray(u_power, dtype=dtype))
-            ratio = _trust_ratio(np, x_norm, u_norm, *settings(rule, dtype))
-            scalars.append({"ratio": float(np.asarray(ratio, dtype=dtype))})
-        return Outcome(scalars)
+        powers = np.array(values, dtype=np.float64).reshape(len(values), 2)
+        ratios = [0.0] * len(values)
+        for dtype in dict.fromkeys(dtypes):  # all arrays of a dtype at once
+            rows = [i for i, other in enumerate(dtypes) if other == dtype]
+            for i, ratio in zip(rows, _trust_ratios(powers[rows], dtype, *settings(rule, dtype))):
+                ratios[i] = ratio
+        return Outcome([{"ratio": ratio} for ratio in ratios])
 
     return Reduce(lambda rule: _NORMS, finish)
 

@@ -89,7 +89,8 @@ def _decide(
 
         def restart() -> None:
             for state in states:
-                state.streak = 0
+                if state.streak:  # a field set moves `state_changes`: set none that stays
+                    state.streak = 0
 
         return Outcome([{}] * len(states), restart)
     if rule.max_consecutive is not None and max(s.streak for s in states) >= rule.max_consecutive:
