@@ -260,7 +260,7 @@ def _leaves(node: Any, params: Any, grads: Any) -> tuple[Iterable[Any], Iterable
     if kind is dict:
         if type(grads) is not dict or len(params) != len(keys) or tuple(params) != keys:
             return None
-        if grads.keys() != params.keys():
+        if tuple(grads) != keys and grads.keys() != params.keys():  # the same order is quicker to tell
             return None
         values: Any = params.values()
         gradients: Any = map(grads.__getitem__, keys)
