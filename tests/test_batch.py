@@ -712,14 +712,28 @@ MEASURING_ONLY = {
         lambda: co.Optimiser(co.WeightDecay(0.01), co.ClipNorm(1.0), co.ClipGlobalNorm(0.5), co.Descent(0.1)),
         [True, True, False],
     ),
-    "a stateful stage keeps its output": (lambda: co.Lamb(0.1), [False, False]),
+    "Lamb: its update again from its states": (lambda: co.Lamb(0.1), [True, False]),
+    "Adam, then a clip": (lambda: co.Optimiser(co.Adam(0.1), co.ClipNorm(1.0, throw=False)), [True, False]),
+    "the tail of the last of two stateful kernels": (
+        lambda: co.Optimiser(co.Momentum(0.1), co.Adam(0.1), co.ClipNorm(1.0, throw=False)),
+        [True, False],
+    ),
+    "a tail after a reduction": (
+        lambda: co.Optimiser(co.Novograd(0.1), co.ClipNorm(1.0, throw=False), co.Descent(0.1)),
+        [False, True, False],
+    ),
+    "Lars's momentum has no tail": (
+        lambda: co.Optimiser(co.Lars(0.1), co.ClipNorm(1.0, throw=False), co.Descent(0.1)),
+        [True, False, False],
+    ),
 }
 
 
 @pytest.mark.parametrize("case", MEASURING_ONLY)
 def test_stateless_measured_stages_are_made_again_by_the_next(case, monkeypatch):
-    """A table stage of stateless kernels before a reduction only measures; the next stage
-    runs its kernels again, with the scalars of every reduction before it, to the same bits."""
+    """A table stage before a reduction only measures if the next stage can make its values
+    again: its kernels once more if they keep no state, with the scalars of every reduction
+    before it, or its last kernel's update from the states it wrote; to the same bits."""
     from composeopt._fused import table  # numba's
 
     make, expected = MEASURING_ONLY[case]

@@ -256,14 +256,14 @@ def table_source(
     of `x`, block by block as in `measured_stage_source`; a stage without kernels only
     measures its input, over the whole chunk, as `powers` does.
 
-    Without `keep`, a measured stage (stateless) writes each block into `block`
-    (`MEASURE_BLOCK` elements, in cache) instead of its output, and measures it there: the
-    next stage makes the same values again from the same input, which costs less than
-    writing them out and reading them back.
+    Without `keep`, a measured stage writes each block of its output into `block`
+    (`MEASURE_BLOCK` elements, in cache) instead, and measures it there: the next stage
+    makes the same values again (from the same input, or from the states this one wrote),
+    which costs less than writing them out and reading them back.
     """
     names = list(rule_names(kernels))
     states = [n.array(s) for n in names for s in n.kernel.state]
-    assert keep or (measures and kernels and not states and not to_x), "only a stateless measured stage"
+    assert keep or (measures and kernels and not to_x), "only a measured stage that writes no x"
     lines = ["def table(chunks, ks, addresses, acc, ps, block):", "    size = ks.itemsize"]
     lines.append("    for c in range(chunks.shape[0]):")
     lines.append("        j, lo, hi = chunks[c, 0], chunks[c, 1], chunks[c, 2]")
@@ -287,7 +287,10 @@ def table_source(
             lines.append(f"            stage(start, stop, g, x, out, k{arguments})")
             output = "start, stop, out"
         else:
-            lines.append("            stage(0, stop - start, g[start:stop], x[start:stop], block, k)")
+            sliced = "".join(f", {a}[start:stop]" for a in states)
+            lines.append(
+                f"            stage(0, stop - start, g[start:stop], x[start:stop], block, k{sliced})"
+            )
             output = "0, stop - start, block"
         for m, (of, kind) in enumerate(measures):
             part = f"power({output if of == 'd' else 'start, stop, x'}, ps[{m}], {kind})"

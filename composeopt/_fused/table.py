@@ -20,9 +20,10 @@ output, its states) and a row of scalars per array.  A step then
    the counters, which are put back on any error), then the scalars, then the
    stages in order, each measuring what its reduction needs as it writes, and
    each reduction's `finish` called as on the ordinary path, per array or for
-   the whole tree.  A stage of stateless kernels before a reduction only
-   measures (in a block in cache, `measured_only`); the stage after it runs its
-   kernels again in front of its own.
+   the whole tree.  A stage before a reduction only measures (in a block in
+   cache, `measured_only`) when the stage after it can make its values again
+   in front of its own kernels: its kernels again if they keep no state, or
+   its last kernel's update from the states it wrote (`tail`).
 
 The stage's loop, the blocks it is measured in and the order in which the parts
 of a measure are added are those of the ordinary path, chunk for chunk, so the
@@ -34,11 +35,12 @@ scratch buffers alive (their addresses must stay valid), not the parameters.
 
 from __future__ import annotations
 
+import ast
 import math
 from collections.abc import Callable, Sequence
-from functools import partial
+from functools import cache, partial
 from itertools import repeat
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -47,6 +49,7 @@ from .._memory import readable_in_place
 from ..store import StateStore
 from .held import Held, disjoint, fit
 from .jobs import Job
+from .kernel import Kernel
 from .numba_backend import MEASURE_BLOCK, _kind, table_function
 from .plan import Route, stateless
 from .threads import chunk_shares, run_together
@@ -64,9 +67,12 @@ class _Stage:
     """One stage of the route as the table runs it.
 
     A stage that only measures (`keep` false: see `measured_only`) writes no output; the
-    stage after it runs its kernels again in front of its own (`prefix`), from the same
-    input.  `readers`: per reduction whose scalars the stage's kernels read, the kernel's
-    index and the number of the stage that the scalars are given to."""
+    stage after it makes its values again in front of its own kernels, from the same input
+    (`prefix`: all its kernels if they keep no state, else the `tail` of its last).
+    Per kernel run, `positions` is its entry's position in the route, `readers` gives the
+    kernels that read a reduction's scalars (the kernel's index, and the number of the
+    stage the scalars are given to), and `arrays` are the indices of the state arrays the
+    kernels read, in a job's `arrays`."""
 
     def __init__(
         self,
@@ -79,30 +85,84 @@ class _Stage:
     ) -> None:
         stage = route.stages[number]
         own = tuple(entry.kernel for entry in stage.entries)
+        first_entry, first_array, last_array = route.starts[number]
         self.number = number
-        self.kernels: tuple[Any, ...] = own if prefix is None else prefix.kernels + own
+        self.kernels: tuple[Any, ...] = own
+        self.positions = list(range(first_entry, first_entry + len(own)))
         self.readers: list[tuple[int, int]] = [(0, number)]
+        self.arrays = list(range(first_array, last_array))
         if prefix is not None:
-            self.readers = [*prefix.readers, (len(prefix.kernels), number)]
-        self.first_entry, self.first_array, self.last_array = route.starts[number]
-        if prefix is not None:
-            self.first_entry = prefix.first_entry
+            made = prefix.remade()
+            self.kernels = made.kernels + own
+            self.positions = made.positions + self.positions
+            self.readers = [*made.readers, (len(made.kernels), number)]
+            self.arrays = made.arrays + self.arrays
         self.source = source  # GRADIENT, or a scratch buffer's number
         self.output = output  # a scratch buffer's number; None: it writes x (the last stage) or nothing
         self.keep = keep
+        self.stateless = stateless(stage)
         self.boundary = route.boundaries[number] if number < len(route.boundaries) else None
+
+    def remade(self) -> _Remade:
+        """What the next stage runs to make this stage's values again."""
+        if self.stateless:  # its kernels write nothing: all of them again
+            return _Remade(self.kernels, self.positions, self.readers, self.arrays)
+        last = len(self.kernels) - 1
+        made = tail(self.kernels[last])
+        assert made is not None
+        arrays = self.arrays[len(self.arrays) - len(made.state) :]
+        readers = [(0, number) for index, number in self.readers if index == last]
+        return _Remade((made,), [self.positions[last]], readers, arrays)
+
+
+class _Remade(NamedTuple):
+    kernels: tuple[Any, ...]
+    positions: list[int]
+    readers: list[tuple[int, int]]
+    arrays: list[int]
+
+
+@cache
+def tail(kernel: Kernel) -> Kernel | None:
+    """The kernel's update made from its states as it left them, if its `return` reads
+    nothing else but `x` and scalars: the same math, reading the states and assigning
+    none, so it gives the update's bits again without the gradient."""
+    result = kernel.body[-1]
+    assert isinstance(result, ast.Return) and result.value is not None
+    read = {node.id for node in ast.walk(result.value) if isinstance(node, ast.Name)}
+    calls = {
+        node.func.id
+        for node in ast.walk(result.value)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+    }
+    if not (read - calls) <= {*kernel.state, *kernel.scalar_names, "x"}:
+        return None  # the gradient, or a local
+    made = object.__new__(Kernel)  # the parsed math as it is: no parser runs again
+    fields = {
+        "math": f"return {ast.unparse(result.value)}",
+        "scalars": kernel.scalars,
+        "state": kernel.state,
+        "counter": None,
+        "body": (result,),
+        "scalar_names": kernel.scalar_names,
+        "reads_x": "x" in read,
+    }
+    for name, value in fields.items():
+        object.__setattr__(made, name, value)
+    return made
 
 
 def measured_only(route: Route) -> list[bool]:
-    """Per stage, whether it only measures: a stage of stateless kernels with a reduction
-    after it, followed by a stage of kernels.  Its values cost less made again by the next
-    stage than written out and read back."""
+    """Per stage, whether it only measures: a stage of kernels with a reduction after it,
+    followed by a stage of kernels, whose values the next stage can make again (they keep
+    no state, or the last one's update is its `tail`).  That costs less than writing them
+    out and reading them back."""
     stages = route.stages
     return [
         number < len(stages) - 1
         and bool(stage.entries)
         and bool(stages[number + 1].entries)
-        and stateless(stage)
+        and (stateless(stage) or tail(stage.entries[-1].kernel) is not None)
         for number, stage in enumerate(stages)
     ]
 
@@ -150,10 +210,7 @@ class Table:
                 np.zeros(self.count, np.int64) if source == GRADIENT else _addresses(buffers[source]),
                 _addresses(xs),
                 _addresses(xs) if output is None else _addresses(buffers[output]),
-                *(
-                    np.array([arrays[a].ctypes.data for arrays in held], dtype=np.int64)
-                    for a in range(plan.first_array, plan.last_array)
-                ),
+                *(np.array([arrays[a].ctypes.data for arrays in held], dtype=np.int64) for a in plan.arrays),
             ]
             self.addresses.append(np.ascontiguousarray(np.stack(columns, axis=1)))
             if output is not None:
@@ -257,8 +314,7 @@ class _Scalars:
         if row is None:
             table = self.table
             values: list[float] = []
-            for offset, kernel in enumerate(stage.kernels):
-                position = stage.first_entry + offset
+            for offset, (kernel, position) in enumerate(zip(stage.kernels, stage.positions)):
                 entry = table.route.entries[position]
                 named = kernel.scalars(entry.rule, table.entry_states[position][0], table.dtype)
                 if offset in dict(stage.readers):  # a reduction before it may give some (`rows`)
