@@ -27,9 +27,8 @@ output, its states) and a row of scalars per array.  A step then
 
 The stage's loop, the blocks it is measured in and the order in which the parts
 of a measure are added are those of the ordinary path, chunk for chunk, so the
-two give the same bits.  Anything else (a step the reductions skip for some
-arrays only, a gradient to be copied first) declines before anything changed,
-and the replay's jobs take the step.  The table keeps the states and the
+two give the same bits.  Anything else (a gradient to be copied first)
+declines before anything changed, and the replay's jobs take the step.  The table keeps the states and the
 scratch buffers alive (their addresses must stay valid), not the parameters.
 """
 
@@ -39,7 +38,6 @@ import ast
 import math
 from collections.abc import Callable, Sequence
 from functools import cache, partial
-from itertools import repeat
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -281,11 +279,7 @@ def run_table(table: Table, store: StateStore) -> list[Any] | None:
     table.held.advance(1)
     try:
         for number in range(decided + 1):
-            skipped = _measure_and_finish(table, table.stages[number], scalars, extra, commits)
-            if skipped is not None:
-                if not all(skipped):  # some arrays only: the replay's jobs take it
-                    table.held.advance(-1)
-                    return None
+            if _measure_and_finish(table, table.stages[number], scalars, extra, commits):
                 table.held.advance(-1)
                 return commits  # every array skipped: nothing more changes
         for stage in table.stages:
@@ -298,7 +292,7 @@ def run_table(table: Table, store: StateStore) -> list[Any] | None:
             _run(table, stage, scalars.rows(stage, extra), ())
         else:
             skipped = _measure_and_finish(table, stage, scalars, extra, commits)
-            assert skipped is None, "only a deciding reduction skips"
+            assert not skipped, "only a deciding reduction skips"
     return commits
 
 
@@ -314,10 +308,11 @@ class _Scalars:
         if row is None:
             table = self.table
             values: list[float] = []
+            readers = {reader for reader, _ in stage.readers}
             for offset, (kernel, position) in enumerate(zip(stage.kernels, stage.positions)):
                 entry = table.route.entries[position]
                 named = kernel.scalars(entry.rule, table.entry_states[position][0], table.dtype)
-                if offset in dict(stage.readers):  # a reduction before it may give some (`rows`)
+                if offset in readers:  # a reduction before it may give some of them (`rows`)
                     values.extend(float(named.get(name, math.nan)) for name in kernel.scalar_names)
                 else:
                     values.extend(float(named[name]) for name in kernel.scalar_names)
@@ -364,9 +359,10 @@ def _run(table: Table, stage: _Stage, rows: Any, measures: Sequence[Any]) -> Any
 
 def _measure_and_finish(
     table: Table, stage: _Stage, scalars: _Scalars, extra: dict[int, Any], commits: list[Any]
-) -> list[bool] | None:
-    """Run the stage into scratch, measuring; then its reduction's finish.  Returns which
-    arrays the reduction skipped, or `None` if it skipped none."""
+) -> bool:
+    """Run the stage into scratch, measuring; then its reduction's finish, once for every
+    array (per array or for the whole tree, as its scope says).  Returns whether the
+    reduction skipped the step (only a tree-wide one does, for every array at once)."""
     boundary = stage.boundary
     assert boundary is not None
     measures = boundary.reduce.measures(boundary.rule)
@@ -379,25 +375,12 @@ def _measure_and_finish(
             np.add.at(values[:, m], table.chunk_arrays, parts[:, m])
     measured = values[:, : len(measures)].tolist()
     states = table.boundary_states[stage.number]
-    finish = boundary.reduce.finish
-    if boundary.reduce.scope == "tree":
-        outcomes = [finish(boundary.rule, states, measured, table.dtypes, table.paths)]
-        sizes = [table.count]
-    else:  # every array decided on its own, in one call
-        outcomes = [finish(boundary.rule, states, measured, table.dtypes, table.paths)]
-        assert outcomes[0].scalars is not None, "only a tree-wide reduction skips"
-        sizes = [table.count]
-    given: list[Any] = []
-    skipped: list[bool] = []
-    for outcome, size in zip(outcomes, sizes):
-        if outcome.commit is not None:
-            commits.append(outcome.commit)
-        if outcome.scalars is None:
-            given.extend(repeat({}, size))
-            skipped.extend(repeat(True, size))
-        else:
-            given.extend(outcome.scalars)
-            skipped.extend(repeat(False, size))
-    if any(given):
-        extra[stage.number + 1] = given
-    return skipped if any(skipped) else None
+    outcome = boundary.reduce.finish(boundary.rule, states, measured, table.dtypes, table.paths)
+    if outcome.commit is not None:
+        commits.append(outcome.commit)
+    if outcome.scalars is None:
+        assert boundary.reduce.scope == "tree", "only a tree-wide reduction skips"
+        return True
+    if any(outcome.scalars):
+        extra[stage.number + 1] = list(outcome.scalars)
+    return False
